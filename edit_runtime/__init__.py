@@ -1,0 +1,20 @@
+"""edit_runtime: closed-form sparse low-rank safety edits for multilingual LLMs.
+
+Public API: ``SparseDelta``, ``ModuleEdit`` (the delta format) and ``patch_model`` /
+``PatchHandle`` (apply a delta to a loaded Hugging Face model without forming the dense delta).
+"""
+from __future__ import annotations
+
+from edit_runtime.delta import ModuleEdit, SparseDelta
+
+__all__ = ["ModuleEdit", "SparseDelta", "patch_model", "PatchHandle"]
+__version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # patch.py pulls in the kernels; import it on first use so `import edit_runtime` stays light.
+    if name in ("patch_model", "PatchHandle"):
+        from edit_runtime import patch
+
+        return getattr(patch, name)
+    raise AttributeError(f"module 'edit_runtime' has no attribute {name!r}")
