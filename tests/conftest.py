@@ -15,3 +15,28 @@ if not torch.cuda.is_available():
 
 # Two cores here and in CI: one intra-op thread keeps parallel test processes from thrashing.
 torch.set_num_threads(int(os.environ.get("EDIT_RUNTIME_TEST_THREADS", "2")))
+
+
+# --- real models -------------------------------------------------------------------------------
+# Session-scoped: each model is loaded once per test run, fp32, eval mode, on CPU, from the
+# safetensors cache made by `python -m edit_runtime.models prepare` (converted here on first use if
+# the cache is missing: ~30 s / ~70 s). Tests share these objects: do not change their weights or
+# config in place, and undo any patch (e.g. with the PatchHandle) before the test ends.
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """(model, tokenizer) of SmolLM2-135M-Instruct (LlamaForCausalLM), fp32, eval."""
+    from edit_runtime.models import load_model
+
+    return load_model("smollm2-135m-instruct")
+
+
+@pytest.fixture(scope="session")
+def qwen():
+    """(model, tokenizer) of Qwen2.5-Coder-0.5B-Instruct (Qwen2ForCausalLM), fp32, eval."""
+    from edit_runtime.models import load_model
+
+    return load_model("qwen2.5-coder-0.5b-instruct")
