@@ -318,6 +318,8 @@ class SparseDelta:
             fingerprint = json.loads(header.get("fingerprint", "null"))
         except (KeyError, json.JSONDecodeError) as exc:
             raise DeltaFormatError(f"{path}: corrupt JSON header ({exc})") from None
+        if not isinstance(listing, list) or not listing:
+            raise DeltaFormatError(f"{path}: header 'edits' must be a non-empty JSON list, got {listing!r}")
         edits = []
         for i, item in enumerate(listing):
             key = f"edits.{i}.neurons"

@@ -1,0 +1,641 @@
+"""Apply a ``SparseDelta`` to a loaded model at inference time: ``patch_model`` -> ``PatchHandle``.
+
+Each edited ``nn.Linear`` is replaced (``setattr`` on its parent) by an :class:`EditedLinear`
+that keeps the original module as ``base_layer`` and adds the sparse low-rank term of every
+active edit to the base output, through ``edit_runtime.ops.lowrank_apply_out/in``; the dense
+``(out, in)`` delta is never formed. When the last edit of a module goes, the original module
+object is put back, so ``remove()`` leaves bit-identical weights, ``state_dict`` and logits.
+
+Per-handle switches are tensors, not Python flags: a scalar ``enabled`` (0/1) times an optional
+per-sequence row mask ``(B,)``, expanded to tokens inside the forward. Toggling writes into the
+same tensors, so a model patched before ``torch.compile`` keeps its graph; a mixed batch runs
+edited and unedited sequences together. The batch dimension of ``generate()`` is fixed across
+decode steps, so a mask set before ``generate`` holds for every step.
+
+Semantics of one edit on a module with weight ``W``, bias ``b`` (``scale`` defaults to ones):
+
+- side ``"out"``: ``W[S] <- scale[:, None] * (W[S] + U @ V)``, ``b[S] <- scale * b[S]``;
+- side ``"in"``:  ``W[:, S] <- (W[:, S] + U @ V) * scale[None, :]``.
+
+Several edits on one module (from one delta or stacked deltas) apply in patch order, each to the
+output of the previous ones; any handle can be removed at any time. ``merge()`` writes the edit
+into the weights (saving the rows/columns it overwrites) and ``unmerge()`` restores them bit for
+bit. Exactness rules, checked before anything is touched (:class:`PatchError` otherwise):
+
+- merging moves an edit ahead of the edits patched before it that are still unmerged, so it
+  must commute with them (no scale on either, or same side with disjoint neurons);
+- merges undo in LIFO order where they overlap: an edit cannot be unmerged (or removed) while a
+  later merge wrote to the same rows/columns (same side and shared neurons, or different sides);
+- a side-``"in"`` edit with a scale reads ``W[:, S]`` from the base weight, so it cannot stack
+  on an unmerged edit of the same module that changes those columns (any side-``"out"`` edit,
+  or a side-``"in"`` edit sharing neurons);
+- a weight shared with another parameter (tied embeddings) is never merged.
+
+Patch after moving/casting the model (``model.to``), not before: the factors are cast to each
+module's dtype and device at patch time and live outside the ``state_dict``.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from edit_runtime import ops
+from edit_runtime.delta import DeltaError, ModuleEdit, SparseDelta
+from edit_runtime.delta import check_fingerprint as _check_fingerprint
+
+log = logging.getLogger(__name__)
+
+__all__ = ["EditedLinear", "PatchError", "PatchHandle", "patch_model", "patched_modules"]
+
+
+class PatchError(RuntimeError):
+    """A patch operation cannot be done exactly in the model's current patch state."""
+
+
+# ---------------------------------------------------------------------------------------- state
+@dataclass(eq=False)
+class _Switch:
+    """A handle's switches on one device (shared by all its edits there).
+
+    ``enabled``: () float32, 0 or 1; ``row_mask``: (B,) float32 0/1 or None (all rows).
+    """
+
+    enabled: torch.Tensor
+    row_mask: torch.Tensor | None = None
+
+
+@dataclass(eq=False)
+class _Edit:
+    """One active ``ModuleEdit`` inside an ``EditedLinear``; tensors on the module's device/dtype."""
+
+    handle: "PatchHandle"
+    module: str                       # dotted path in the model
+    side: str                         # "out" | "in"
+    neurons: torch.Tensor             # (m,) int64, module device
+    U: torch.Tensor | None            # out: (m, r); in: (out_features, r); module dtype
+    V: torch.Tensor | None            # out: (r, in_features); in: (r, m); module dtype
+    scale: torch.Tensor | None        # (m,) module dtype
+    switch: _Switch
+    neurons_cpu: torch.Tensor         # (m,) int64, for overlap checks without a device sync
+    merged: bool = False
+    saved: tuple[torch.Tensor, torch.Tensor | None] | None = None  # weight rows/cols, bias rows
+
+    def describe(self) -> str:
+        return f"{self.module}[{self.side}, |S|={self.neurons_cpu.numel()}] of {self.handle!r}"
+
+
+def _shares_neurons(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return bool(torch.isin(a, b).any())
+
+
+def _commute(a: _Edit, b: _Edit) -> bool:
+    """True when applying a then b equals b then a on any weight."""
+    if a.scale is None and b.scale is None:
+        return True  # both purely additive
+    return a.side == b.side and not _shares_neurons(a.neurons_cpu, b.neurons_cpu)
+
+
+def _regions_overlap(a: _Edit, b: _Edit) -> bool:
+    """True when the weight entries a and b write intersect (rows x all, or all x columns)."""
+    return a.side != b.side or _shares_neurons(a.neurons_cpu, b.neurons_cpu)
+
+
+def _changes_columns(side: str, neurons: torch.Tensor, columns: torch.Tensor) -> bool:
+    """True when an edit on ``side`` of ``neurons`` changes some entry of ``W[:, columns]``."""
+    return side == "out" or _shares_neurons(neurons, columns)
+
+
+# -------------------------------------------------------------------------------------- wrapper
+def _token_mask(switch: _Switch, x: torch.Tensor) -> torch.Tensor:
+    """(N,) float32 per-token factor ``enabled * row_mask[row]`` for x (..., in) flattened to N rows.
+
+    x of shape (B, T, ..., in) has B sequences of T*... tokens; a 2-D x (N, in) has N rows; a
+    1-D x is one row. Only shape checks branch here, never values.
+    """
+    rows = x.shape[0] if x.dim() >= 2 else 1
+    per_row = 1
+    for d in x.shape[1:-1]:
+        per_row *= d
+    mask = switch.row_mask
+    if mask is None:
+        return switch.enabled.expand(rows * per_row).contiguous()
+    if mask.shape[0] != rows:
+        raise PatchError(
+            f"the row mask has {mask.shape[0]} rows but the input batch has {rows} "
+            f"(input shape {tuple(x.shape)}); set a mask of length {rows} or clear it"
+        )
+    return (mask * switch.enabled)[:, None].expand(rows, per_row).reshape(rows * per_row)
+
+
+def _apply_edit(edit: _Edit, y: torch.Tensor, x: torch.Tensor, mask: torch.Tensor,
+                weight: torch.Tensor) -> torch.Tensor:
+    """Adds one edit's term to y (N, out) for x (N, in); returns the updated y."""
+    if edit.side == "out":
+        return ops.lowrank_apply_out(y, x, edit.U, edit.V, edit.neurons, row_mask=mask, scale=edit.scale)
+    # Side "in" with a scale needs the base columns W[:, S] (out, m), gathered per call so that
+    # merged edits (already in the weight) are seen.
+    cols = None if edit.scale is None else weight.index_select(1, edit.neurons)
+    return ops.lowrank_apply_in(y, x, edit.U, edit.V, edit.neurons, row_mask=mask, scale=edit.scale,
+                                weight_cols=cols)
+
+
+def _hide_base_layer_keys(module, state_dict, prefix, local_metadata) -> None:
+    # state_dict keys stay those of the unpatched model ("...up_proj.weight", not
+    # "...up_proj.base_layer.weight"), so a merged model saves as a plain checkpoint.
+    inner = prefix + "base_layer."
+    for key in [k for k in state_dict if k.startswith(inner)]:
+        state_dict[prefix + key[len(inner):]] = state_dict.pop(key)
+
+
+def _route_keys_to_base_layer(module, state_dict, prefix, *args) -> None:
+    for name in list(module.base_layer.state_dict(keep_vars=True)):
+        key = prefix + name
+        if key in state_dict and prefix + "base_layer." + name not in state_dict:
+            state_dict[prefix + "base_layer." + name] = state_dict.pop(key)
+
+
+class EditedLinear(nn.Module):
+    """A Linear plus a stack of sparse low-rank edits; the original module is ``base_layer``.
+
+    ``weight``, ``bias``, ``in_features`` and ``out_features`` are those of the base layer, and
+    ``state_dict`` keys are the unpatched model's, so code that reads them keeps working.
+    Built and torn down by :func:`patch_model` / :meth:`PatchHandle.remove` only.
+    """
+
+    def __init__(self, base_layer: nn.Linear):
+        super().__init__()
+        self.base_layer = base_layer
+        self._edits: list[_Edit] = []          # patch order
+        self._merge_order: list[_Edit] = []    # merged edits, oldest merge first
+        self._runtime: tuple[_Edit, ...] = ()  # unmerged edits, patch order (what forward runs)
+        self.register_state_dict_post_hook(_hide_base_layer_keys)
+        self.register_load_state_dict_pre_hook(_route_keys_to_base_layer)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base_layer.bias
+
+    @property
+    def in_features(self) -> int:
+        return self.base_layer.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base_layer.out_features
+
+    def _refresh(self) -> None:
+        self._runtime = tuple(e for e in self._edits if not e.merged)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base_layer(x)
+        if not self._runtime:  # structural (all merged), not data-dependent
+            return y
+        x2 = x.reshape(-1, x.shape[-1])   # (N, in)
+        y2 = y.reshape(-1, y.shape[-1])   # (N, out)
+        for edit in self._runtime:
+            y2 = _apply_edit(edit, y2, x2, _token_mask(edit.switch, x), self.base_layer.weight)
+        return y2.reshape(y.shape)
+
+    def extra_repr(self) -> str:
+        merged = sum(e.merged for e in self._edits)
+        return f"edits={len(self._edits)}, merged={merged}"
+
+
+def patched_modules(model: nn.Module) -> dict[str, EditedLinear]:
+    """The ``EditedLinear`` wrappers currently installed in ``model``, by dotted path."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, EditedLinear)}
+
+
+# --------------------------------------------------------------------------------------- handle
+def _bool_mask(mask) -> torch.Tensor:
+    mask = torch.as_tensor(mask)
+    if mask.dim() != 1:
+        raise ValueError(f"row mask must be 1-D (batch,), got shape {tuple(mask.shape)}")
+    if mask.dtype != torch.bool:
+        if not bool(((mask == 0) | (mask == 1)).all()):
+            raise ValueError("row mask values must be 0/1 (or bool)")
+        mask = mask != 0
+    return mask
+
+
+class PatchHandle:
+    """Controls one applied delta: toggle, per-row mask, merge/unmerge, remove.
+
+    Made by :func:`patch_model`. Also a context manager: ``with patch_model(m, d): ...`` removes
+    the patch on exit.
+    """
+
+    def __init__(self, model: nn.Module, delta: SparseDelta):
+        self.model = model
+        self.delta = delta
+        self._edits: list[_Edit] = []                 # delta order
+        self._switches: dict[torch.device, _Switch] = {}
+        self._removed = False
+        self._merged = False
+
+    def __repr__(self) -> str:
+        state = "removed" if self._removed else ("merged" if self._merged else "active")
+        return f"PatchHandle(0x{id(self):x}, {len(self.delta.edits)} edits, {state})"
+
+    def __enter__(self) -> "PatchHandle":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if not self._removed:
+            self.remove()
+
+    # -- state -----------------------------------------------------------------------------
+    @property
+    def modules(self) -> list[str]:
+        """Dotted paths of the edited modules, in delta order (a module may repeat, one per side)."""
+        return [e.module for e in self._edits]
+
+    @property
+    def removed(self) -> bool:
+        return self._removed
+
+    @property
+    def merged(self) -> bool:
+        return self._merged
+
+    @property
+    def enabled(self) -> bool:
+        """Whether the edit is on (merged counts as on). Reads the tensor: a host sync."""
+        self._check_alive()
+        return self._merged or bool(next(iter(self._switches.values())).enabled.item())
+
+    @property
+    def row_mask(self) -> torch.Tensor | None:
+        """The current per-sequence mask as a (B,) bool CPU tensor, or None (all rows)."""
+        self._check_alive()
+        mask = next(iter(self._switches.values())).row_mask
+        return None if mask is None else mask.detach().cpu() != 0
+
+    def _check_alive(self) -> None:
+        if self._removed:
+            raise PatchError(f"{self!r} was removed; patch the model again")
+
+    def _check_not_merged(self, what: str) -> None:
+        if self._merged:
+            raise PatchError(f"cannot {what} {self!r}: it is merged into the weights; unmerge() first")
+
+    # -- toggling ----------------------------------------------------------------------------
+    def set_enabled(self, flag: bool) -> None:
+        """Turns the edit on or off by writing the ``enabled`` tensors in place (no recompile)."""
+        self._check_alive()
+        if not flag:
+            self._check_not_merged("disable")
+        for switch in self._switches.values():
+            switch.enabled.fill_(1.0 if flag else 0.0)
+
+    def enable(self) -> None:
+        self.set_enabled(True)
+
+    def disable(self) -> None:
+        self.set_enabled(False)
+
+    @contextlib.contextmanager
+    def disabled(self) -> Iterator["PatchHandle"]:
+        """``with handle.disabled():`` runs the base model; the previous state comes back on exit."""
+        before = self.enabled
+        self.disable()
+        try:
+            yield self
+        finally:
+            if not self._removed:
+                self.set_enabled(before)
+
+    @contextlib.contextmanager
+    def enabled_ctx(self) -> Iterator["PatchHandle"]:
+        """``with handle.enabled_ctx():`` runs with the edit on; the previous state comes back on exit."""
+        before = self.enabled
+        self.enable()
+        try:
+            yield self
+        finally:
+            if not self._removed:
+                self.set_enabled(before)
+
+    # -- row mask ----------------------------------------------------------------------------
+    def set_row_mask(self, mask) -> None:
+        """Applies the edit only to the sequences (rows of the batch dimension) where mask is True.
+
+        ``mask``: (B,) bool or 0/1. Inputs (B, T, in) expand it over T; 2-D inputs (N, in) need
+        N == B. A forward whose batch is not B raises ``PatchError``. A mask of the same length
+        as the current one is written in place (no recompile under ``torch.compile``).
+        """
+        self._check_alive()
+        self._check_not_merged("set a row mask on")
+        mask = _bool_mask(mask)
+        for device, switch in self._switches.items():
+            values = mask.to(device=device, dtype=torch.float32)
+            if switch.row_mask is not None and switch.row_mask.shape == values.shape:
+                switch.row_mask.copy_(values)
+            else:
+                switch.row_mask = values
+
+    def clear_row_mask(self) -> None:
+        """All rows edited again (subject to ``enabled``)."""
+        self._check_alive()
+        for switch in self._switches.values():
+            switch.row_mask = None
+
+    @contextlib.contextmanager
+    def row_mask_ctx(self, mask) -> Iterator["PatchHandle"]:
+        """``with handle.row_mask_ctx(mask):`` sets the mask; the previous one comes back on exit."""
+        before = self.row_mask
+        self.set_row_mask(mask)
+        try:
+            yield self
+        finally:
+            if not self._removed:
+                if before is None:
+                    self.clear_row_mask()
+                else:
+                    self.set_row_mask(before)
+
+    # -- merge -------------------------------------------------------------------------------
+    def _wrapper(self, edit: _Edit) -> EditedLinear:
+        return self.model.get_submodule(edit.module)
+
+    def _check_can_merge(self) -> None:
+        if any(float(s.enabled) == 0.0 for s in self._switches.values()):
+            raise PatchError(f"cannot merge {self!r} while it is disabled: enable() it first")
+        if any(s.row_mask is not None for s in self._switches.values()):
+            raise PatchError(f"cannot merge {self!r} while a row mask is set: merging edits every row")
+        for edit in self._edits:
+            wrapper = self._wrapper(edit)
+            for other in wrapper._edits[: wrapper._edits.index(edit)]:
+                if other.handle is not self and not other.merged and not _commute(other, edit):
+                    raise PatchError(
+                        f"cannot merge {edit.describe()}: it does not commute with the earlier "
+                        f"unmerged {other.describe()}; merge or remove that one first"
+                    )
+            _check_not_tied(self.model, edit.module, wrapper)
+
+    def merge(self) -> None:
+        """Writes the edit into the weights (zero runtime overhead); ``unmerge()`` undoes it exactly.
+
+        The overwritten rows (side out, with their bias) or columns (side in) are saved first.
+        Computed in fp32 and rounded once to the weight's dtype; all-or-nothing.
+        """
+        self._check_alive()
+        if self._merged:
+            return
+        self._check_can_merge()
+        done: list[_Edit] = []
+        try:
+            for edit in self._edits:
+                _merge_edit(self._wrapper(edit), edit)
+                done.append(edit)
+        except BaseException:
+            for edit in reversed(done):
+                _unmerge_edit(self._wrapper(edit), edit)
+            raise
+        self._merged = True
+
+    def _check_can_unmerge(self) -> None:
+        for edit in self._edits:
+            wrapper = self._wrapper(edit)
+            later = wrapper._merge_order[wrapper._merge_order.index(edit) + 1:]
+            for other in later:
+                if other.handle is not self and _regions_overlap(other, edit):
+                    raise PatchError(
+                        f"cannot unmerge {edit.describe()}: {other.describe()} was merged later into "
+                        "the same weights; merges undo in LIFO order there, unmerge that one first"
+                    )
+            for other in wrapper._edits[wrapper._edits.index(edit) + 1:]:
+                if (other.handle is not self and not other.merged and other.side == "in"
+                        and other.scale is not None
+                        and _changes_columns(edit.side, edit.neurons_cpu, other.neurons_cpu)):
+                    raise PatchError(
+                        f"cannot unmerge {edit.describe()}: the later {other.describe()} scales "
+                        "columns that it changes and reads them from the weight; remove that one first"
+                    )
+
+    def unmerge(self) -> None:
+        """Restores the saved rows/columns bit for bit and turns the runtime term back on."""
+        self._check_alive()
+        if not self._merged:
+            return
+        self._check_can_unmerge()
+        for edit in reversed(self._edits):
+            _unmerge_edit(self._wrapper(edit), edit)
+        self._merged = False
+
+    # -- removal -----------------------------------------------------------------------------
+    def remove(self) -> None:
+        """Takes the edit out (unmerging first if merged); a module left with no edits gets its
+        original object back, so weights, ``state_dict`` and logits are bit-identical."""
+        self._check_alive()
+        if self._merged:
+            self.unmerge()
+        wrappers: dict[str, EditedLinear] = {}
+        for edit in self._edits:
+            wrapper = self._wrapper(edit)
+            wrapper._edits.remove(edit)
+            wrapper._refresh()
+            wrappers[edit.module] = wrapper
+        for path, wrapper in wrappers.items():
+            if not wrapper._edits:
+                _set_submodule(self.model, path, wrapper.base_layer)
+        self._removed = True
+        self._switches.clear()
+
+
+def _check_not_tied(model: nn.Module, path: str, wrapper: EditedLinear) -> None:
+    weight = wrapper.base_layer.weight
+    names = [n for n, p in model.named_parameters(remove_duplicate=False) if p is weight]
+    if len(names) > 1:
+        raise PatchError(
+            f"cannot merge into {path}: its weight is shared with {', '.join(n for n in names if not n.startswith(path + '.'))} "
+            "(tied weights); keep this edit on the runtime path"
+        )
+
+
+@torch.no_grad()
+def _merge_edit(wrapper: EditedLinear, edit: _Edit) -> None:
+    W, b, S = wrapper.base_layer.weight, wrapper.base_layer.bias, edit.neurons
+    delta = None if edit.U is None else edit.U.float() @ edit.V.float()
+    new_bias = None
+    if edit.side == "out":
+        saved_w = W.index_select(0, S).clone()
+        new_w = saved_w.float() if delta is None else saved_w.float() + delta
+        if edit.scale is not None:
+            new_w = edit.scale.float()[:, None] * new_w
+        saved_b = None
+        if b is not None and edit.scale is not None:
+            saved_b = b.index_select(0, S).clone()
+            new_bias = (edit.scale.float() * saved_b.float()).to(b.dtype)
+        new_w = new_w.to(W.dtype)
+    else:
+        saved_w, saved_b = W.index_select(1, S).clone(), None
+        new_w = saved_w.float() if delta is None else saved_w.float() + delta
+        if edit.scale is not None:
+            new_w = new_w * edit.scale.float()[None, :]
+        new_w = new_w.to(W.dtype)
+    for name, t in (("weight", new_w), ("bias", new_bias)):
+        if t is not None and not bool(torch.isfinite(t).all()):
+            raise PatchError(f"merging {edit.describe()} gives non-finite {name} values in {W.dtype}")
+    W.index_copy_(0 if edit.side == "out" else 1, S, new_w)
+    if new_bias is not None:
+        b.index_copy_(0, S, new_bias)
+    edit.saved = (saved_w, saved_b)
+    edit.merged = True
+    wrapper._merge_order.append(edit)
+    wrapper._refresh()
+
+
+@torch.no_grad()
+def _unmerge_edit(wrapper: EditedLinear, edit: _Edit) -> None:
+    W, b = wrapper.base_layer.weight, wrapper.base_layer.bias
+    saved_w, saved_b = edit.saved
+    W.index_copy_(0 if edit.side == "out" else 1, edit.neurons, saved_w)
+    if saved_b is not None:
+        b.index_copy_(0, edit.neurons, saved_b)
+    edit.saved = None
+    edit.merged = False
+    wrapper._merge_order.remove(edit)
+    wrapper._refresh()
+
+
+# ---------------------------------------------------------------------------------------- patch
+def _set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent_path, _, name = path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    setattr(parent, name, module)
+
+
+@dataclass
+class _Plan:
+    edit: ModuleEdit           # cast to the module's dtype/device
+    target: nn.Module          # the Linear or the existing EditedLinear
+    base: nn.Linear
+
+
+def _resolve(model: nn.Module, edit: ModuleEdit) -> tuple[nn.Module, nn.Linear]:
+    try:
+        target = model.get_submodule(edit.module)
+    except AttributeError:
+        raise DeltaError(f"edit of {edit.module!r}: no such module in {type(model).__name__}") from None
+    base = target.base_layer if isinstance(target, EditedLinear) else target
+    if not isinstance(base, nn.Linear):
+        raise DeltaError(f"edit of {edit.module!r}: module is a {type(target).__name__}, not a torch.nn.Linear")
+    weight = base.weight
+    if not weight.is_floating_point() or weight.is_meta:
+        raise DeltaError(
+            f"edit of {edit.module!r}: weight is {weight.dtype} on {weight.device}; a floating-point, "
+            "materialised weight is needed (quantized/offloaded modules are not supported)"
+        )
+    return target, base
+
+
+def _plan(model: nn.Module, delta: SparseDelta, check_fingerprint: bool) -> list[_Plan]:
+    """Validates everything a patch needs without touching the model; returns the cast edits."""
+    plans = []
+    for edit in delta.edits:
+        edit.validate()  # catches tensors changed (e.g. NaN written) after construction
+        target, base = _resolve(model, edit)
+        edit.validate_for(base)
+        dtype = base.weight.dtype
+        for name in ("U", "V", "scale"):
+            t = getattr(edit, name)
+            if t is not None and not bool(torch.isfinite(t.to(dtype)).all()):
+                raise DeltaError(f"edit of {edit.module!r}: {name} overflows when cast to the module's {dtype}")
+        cast = edit.to(dtype=dtype, device=base.weight.device)
+        plans.append(_Plan(cast, target, base))
+    if check_fingerprint:
+        _check_fingerprint(model, delta)
+    # Stacking rule for side-"in" edits with a scale (they read W[:, S] from the base weight).
+    for i, plan in enumerate(plans):
+        e = plan.edit
+        if e.side != "in" or e.scale is None:
+            continue
+        columns = e.neurons.cpu()
+        existing = plan.target._edits if isinstance(plan.target, EditedLinear) else []
+        earlier = [(x.describe(), x.side, x.neurons_cpu) for x in existing if not x.merged]
+        earlier += [(f"the side-{p.edit.side!r} edit before it in this delta", p.edit.side, p.edit.neurons.cpu())
+                    for p in plans[:i] if p.edit.module == e.module]
+        for where, side, neurons in earlier:
+            if _changes_columns(side, neurons, columns):
+                raise PatchError(
+                    f"edit of {e.module!r} (side 'in' with a scale) cannot stack on {where}: that edit "
+                    "changes the columns this one scales; remove or merge it first, or list the 'in' edit first"
+                )
+    return plans
+
+
+def patch_model(
+    model: nn.Module,
+    delta: SparseDelta | str | Path,
+    *,
+    check_fingerprint: bool = True,
+    enabled: bool = True,
+    row_mask=None,
+) -> PatchHandle:
+    """Applies ``delta`` to ``model`` at runtime, without forming the dense delta.
+
+    Args:
+        model: a loaded model (e.g. a transformers ``*ForCausalLM``) on its final device/dtype.
+        delta: a ``SparseDelta`` or the path of a delta file.
+        check_fingerprint: refuse (``FingerprintMismatchError``) a delta fitted on another model.
+        enabled: initial state of the edit.
+        row_mask: optional initial (B,) per-sequence mask (see ``PatchHandle.set_row_mask``).
+
+    Returns:
+        a ``PatchHandle`` (remove / enable / disable / set_row_mask / merge / unmerge).
+
+    Atomic: every check (paths exist and are Linear, shapes and index ranges, finite values in the
+    module dtype, fingerprint, stacking rules) runs before the first module is touched; on error
+    the model is unchanged. Raises ``DeltaError`` (or its subclasses) or ``PatchError``.
+    """
+    if isinstance(delta, (str, Path)):
+        delta = SparseDelta.load(delta)
+    if not isinstance(delta, SparseDelta):
+        raise DeltaError(f"delta must be a SparseDelta or a path, got {type(delta).__name__}")
+    plans = _plan(model, delta, check_fingerprint)
+    mask = None if row_mask is None else _bool_mask(row_mask)
+
+    handle = PatchHandle(model, delta)
+    for plan in plans:
+        device = plan.base.weight.device
+        if device not in handle._switches:
+            handle._switches[device] = _Switch(torch.tensor(1.0 if enabled else 0.0, device=device))
+    if mask is not None:
+        for device, switch in handle._switches.items():
+            switch.row_mask = mask.to(device=device, dtype=torch.float32)
+
+    installed: list[tuple[EditedLinear, _Edit, bool]] = []
+    try:
+        for plan in plans:
+            e = plan.edit
+            current = model.get_submodule(e.module)
+            fresh = not isinstance(current, EditedLinear)
+            wrapper = EditedLinear(current) if fresh else current
+            record = _Edit(handle, e.module, e.side, e.neurons, e.U, e.V, e.scale,
+                           handle._switches[plan.base.weight.device], e.neurons.cpu())
+            wrapper._edits.append(record)
+            wrapper._refresh()
+            if fresh:
+                _set_submodule(model, e.module, wrapper)
+            installed.append((wrapper, record, fresh))
+            handle._edits.append(record)
+    except BaseException:
+        for wrapper, record, fresh in reversed(installed):
+            wrapper._edits.remove(record)
+            wrapper._refresh()
+            if fresh:
+                _set_submodule(model, record.module, wrapper.base_layer)
+        raise
+    log.debug("patched %d module edit(s): %s", len(plans), delta)
+    return handle
