@@ -34,7 +34,150 @@ def _add_models(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_models)
 
 
-_REGISTRARS: list[Callable[[argparse._SubParsersAction], None]] = [_add_models]
+def _csv_list(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(t) for t in _csv_list(text)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated layer numbers, got {text!r}") from None
+
+
+def _load_split(source: str, langs: list[str] | None, split: str | None, limit: int | None, label: str):
+    from edit_runtime.data import load_prompts
+
+    prompts = load_prompts(source, langs=langs, split=None if split == "all" else split, label=label)
+    if limit:  # keep whole ids so prompts stay parallel across languages
+        keep = sorted({p.id for p in prompts})[:limit]
+        prompts = [p for p in prompts if p.id in set(keep)]
+    if not prompts:
+        raise ValueError(f"{source}: no prompts for languages {langs} in split {split!r}")
+    return prompts
+
+
+def _cmd_fit(args: argparse.Namespace) -> int:
+    import torch
+
+    from edit_runtime.fit import FitConfig, fit
+    from edit_runtime.models import load_model
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    low = _csv_list(args.harmful_langs)
+    harmful = _load_split(args.harmful, [args.anchor_lang, *low], args.split, args.limit, "harmful")
+    harmless = _load_split(args.harmless, _csv_list(args.harmless_langs) if args.harmless_langs else None,
+                           args.split, args.limit, "harmless")
+    heldout = (_load_split(args.harmful, [args.anchor_lang, *low], "validation", args.limit, "harmful")
+               if args.heldout else None)
+    cfg = FitConfig(layers=args.layer, low_langs=low, anchor_lang=args.anchor_lang, rank=args.rank,
+                    gamma=args.gamma, lam=args.lam, lam_rel=args.lam_rel, constraint=args.constraint,
+                    target=args.target, position=args.position, max_neurons=args.max_neurons,
+                    z_threshold=args.z_threshold, d_threshold=args.d_threshold, mode=args.mode,
+                    batch_size=args.batch_size, system_prompt=args.system_prompt, cache_dir=args.cache_dir)
+    model, tok = load_model(args.model)
+    result = fit(model, tok, harmful, harmless, cfg, heldout=heldout)
+    path = result.delta.save(args.output)
+    print(f"wrote {path}: {result.delta}")
+    for r in result.layers:
+        held = "n/a" if r.gap_closed_heldout is None else f"{r.gap_closed_heldout:.3f}"
+        train = "n/a" if r.gap_closed_train is None else f"{r.gap_closed_train:.3f}"
+        print(f"  layer {r.layer}: |S|={r.num_neurons} rank={r.rank} lambda={r.lam:.4g} "
+              f"gap closed train {train} held-out {held}")
+    print("  seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in result.seconds.items()))
+    return 0
+
+
+def _add_fit(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("fit", help="fit a closed-form sparse low-rank safety edit -> delta.safetensors")
+    p.add_argument("--model", required=True, help="short name, HF folder or hub id")
+    p.add_argument("--harmful", required=True, help="harmful prompts, parallel by id (e.g. MultiJail CSV)")
+    p.add_argument("--harmful-langs", required=True, help="languages to fix, e.g. zh,vi,th,bn")
+    p.add_argument("--anchor-lang", default="en", help="language whose safety response is the target")
+    p.add_argument("--harmless", required=True, help="harmless prompts (e.g. builtin:harmless, alpaca)")
+    p.add_argument("--harmless-langs", default=None, help="languages of the harmless prompts (default all)")
+    p.add_argument("--layer", required=True, type=_int_list, help="layer(s) to edit, e.g. 20 or 16,20")
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--gamma", type=float, default=1.0, help="weight of the harmless term")
+    p.add_argument("--lambda", dest="lam", type=float, default=None, help="ridge (default: scale-aware)")
+    p.add_argument("--lambda-rel", dest="lam_rel", type=float, default=None, help="ridge relative to trace/d")
+    p.add_argument("--constraint", choices=["soft", "hard"], default="soft")
+    p.add_argument("--target", choices=["up", "gate", "both"], default="up")
+    p.add_argument("--position", choices=["last", "mean"], default="last")
+    p.add_argument("--mode", choices=["joint", "separate"], default="joint",
+                   help="several layers: one composed delta, or fit each and keep the best")
+    p.add_argument("--max-neurons", type=int, default=None)
+    p.add_argument("--z-threshold", type=float, default=2.0)
+    p.add_argument("--d-threshold", type=float, default=1.0)
+    p.add_argument("--split", default="train", help="split of the prompts to fit on (train|validation|test|all)")
+    p.add_argument("--heldout", action="store_true", help="report the gap closed on the validation split")
+    p.add_argument("--limit", type=int, default=None, help="at most this many ids (quick runs)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--system-prompt", default=None)
+    p.add_argument("--cache-dir", default=None, help="statistics cache folder")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("-o", "--output", required=True)
+    p.set_defaults(func=_cmd_fit)
+
+
+def _cmd_neurons(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from edit_runtime.capture import collect_neuron_stats
+    from edit_runtime.models import load_model
+    from edit_runtime.neurons import ms_neurons, save_jaccard, ss_neurons, swe_neurons
+
+    langs = _csv_list(args.langs)
+    harmful = _load_split(args.harmful, langs, args.split, args.limit, "harmful")
+    harmless = _load_split(args.harmless, langs, args.split, args.limit, "harmless")
+    model, tok = load_model(args.model)
+    groups: dict[tuple[str, str], list] = {}
+    for p in harmful:
+        groups.setdefault((p.lang, "harmful"), []).append(p)
+    for p in harmless:
+        groups.setdefault((p.lang, "harmless"), []).append(p)
+    stats = collect_neuron_stats(model, tok, groups, args.layers, position=args.position, cov=False,
+                                 batch_size=args.batch_size, cache_dir=args.cache_dir)
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    swe = swe_neurons(stats, activation=args.activation, z_threshold=args.z_threshold,
+                      d_threshold=args.d_threshold)
+    ms = ms_neurons(stats, top_percent=args.top_percent)
+    ss = ss_neurons(ms, anchor_lang=args.anchor_lang)
+    for name, sets in (("swe", swe), ("ms", ms), ("ss", ss)):
+        sets.save_json(out / f"neurons_{name}.json")
+    save_jaccard(swe, out / "jaccard_swe.json", out / "jaccard_swe.png")
+    save_jaccard(ms, out / "jaccard_ms.json", out / "jaccard_ms.png")
+    for layer in args.layers:
+        counts = {lang: int(swe.get(layer, lang).numel()) for lang in swe.langs}
+        print(f"layer {layer}: SWE neurons per language {counts}")
+    print(f"wrote neuron sets and Jaccard heatmaps to {out}")
+    return 0
+
+
+def _add_neurons(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("neurons", help="find safety neurons per language; write sets and Jaccard heatmaps")
+    p.add_argument("--model", required=True)
+    p.add_argument("--harmful", required=True)
+    p.add_argument("--harmless", required=True)
+    p.add_argument("--langs", required=True, help="e.g. en,zh,vi,th,bn")
+    p.add_argument("--anchor-lang", default="en")
+    p.add_argument("--layers", required=True, type=_int_list)
+    p.add_argument("--position", choices=["last", "mean"], default="last")
+    p.add_argument("--activation", choices=["up", "gate", "h", "up_or_gate"], default="up")
+    p.add_argument("--z-threshold", type=float, default=2.0)
+    p.add_argument("--d-threshold", type=float, default=1.0)
+    p.add_argument("--top-percent", type=float, default=3.0, help="SSN: top p%% by importance")
+    p.add_argument("--split", default="train")
+    p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--cache-dir", default=None)
+    p.add_argument("-o", "--output", required=True, help="output folder")
+    p.set_defaults(func=_cmd_neurons)
+
+
+_REGISTRARS: list[Callable[[argparse._SubParsersAction], None]] = [_add_models, _add_neurons, _add_fit]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,314 @@
+"""Fitting: prompts -> statistics -> safety neurons -> closed-form solve -> ``SparseDelta``.
+
+The recipe is SWE's algorithm 1 (docs/METHOD.md section 2) for one or several decoder layers:
+
+1. **Pass 1** (:func:`edit_runtime.capture.collect_neuron_stats`, one forward for all layers):
+   per-neuron statistics of the anchor language's harmful and harmless prompts (to find S) and
+   ``X_safeᵀX_safe`` over the harmless prompts of every language.
+2. **Neurons**: S = the anchor's SWE safety neurons (z > ``z_threshold`` ∪ d > ``d_threshold``
+   on the ``neuron_activation`` pre-activation), optionally capped at ``max_neurons`` by z-score.
+3. **Pass 2** (:func:`edit_runtime.capture.collect_target_stats`): for harmful prompts parallel
+   by id, ``X_langᵀX_lang`` and ``X_langᵀY_anchor[:, S]`` per language. Pooled over the
+   low-resource languages: ``xtx_low``, ``xty``; with the current weight rows ``W_S`` the
+   solver's ``xtd = xty - xtx_low W_S`` and ``‖D‖² = ΣY² - 2 tr(W_SᵀXᵀY) + tr(W_SᵀXᵀX W_S)``.
+4. **Solve** (:func:`edit_runtime.solver.solve`), float64, then cast to the model dtype:
+   ``weight[S] += right.T @ left.T``, i.e. ``U = right.T`` ``(m, r)`` and ``V = left.T``
+   ``(r, d_model)``, for ``up_proj`` rows, ``gate_proj`` rows, or both (one joint solve over
+   ``2m`` targets sharing ``V``).
+
+Several layers (``FitConfig.mode``):
+
+- ``"joint"`` (default): one delta editing every layer. Layers are fitted in increasing order;
+  pass 2 of each layer runs with the earlier layers' edits applied (patched), so its inputs and
+  its English targets are those of the edited model and the edits compose. ``X_safeᵀX_safe``
+  comes from pass 1 (unedited): the γ term keeps harmless inputs of the later layers close to
+  unedited, which is what makes this approximation hold.
+- ``"separate"``: each layer is fitted alone (one pass 2 for all layers) and the layers are ranked
+  by the share of the safety gap closed on held-out harmful prompts (``heldout=``); the delta
+  holds the best layer only, and every layer's report is returned.
+
+Defaults the papers leave open are fields of :class:`FitConfig`, each with its reason.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch import nn
+
+import edit_runtime
+from edit_runtime.arch import find_mlp
+from edit_runtime.capture import CovStats, NeuronStats, collect_neuron_stats, collect_target_stats
+from edit_runtime.data import Prompt, dataset_hash
+from edit_runtime.delta import ModuleEdit, SparseDelta, compute_fingerprint
+from edit_runtime.neurons import swe_neurons, swe_scores
+from edit_runtime.patch import PatchHandle, patch_model
+from edit_runtime.solver import SolveResult, objective_terms, solve
+
+log = logging.getLogger(__name__)
+
+__all__ = ["FitConfig", "LayerReport", "FitResult", "fit", "select_neurons", "layer_problem"]
+
+TARGETS = ("up", "gate", "both")
+MODES = ("joint", "separate")
+
+
+@dataclass
+class FitConfig:
+    """Every choice of the fit, with its default and why."""
+
+    layers: Sequence[int] = field(default_factory=list, metadata={"help": "decoder layers to edit"})
+    low_langs: Sequence[str] = field(
+        default_factory=list, metadata={"help": "languages whose harmful prompts are mapped onto the anchor's"})
+    anchor_lang: str = field(default="en", metadata={"help": "the language whose safety response is the target"})
+    rank: int = field(default=16, metadata={"help": "rank r of each layer's edit (SWE: 8-16 is enough)"})
+    gamma: float = field(default=1.0, metadata={"help": "weight of the harmless-utility term (SWE: 1-100)"})
+    lam: float | None = field(default=None, metadata={"help": "ridge λ; None = lam_rel · trace/d (scale-aware)"})
+    lam_rel: float | None = field(default=None, metadata={"help": "relative ridge; None = solver default 1e-2"})
+    constraint: str = field(default="soft", metadata={"help": "'soft' (SWE γ term) or 'hard' (null space)"})
+    null_rel: float | None = field(default=None, metadata={"help": "hard constraint: eigenvalue threshold / λ_max"})
+    target: str = field(default="up", metadata={"help": "edited rows: 'up' (SWE), 'gate' or 'both'"})
+    neuron_activation: str = field(default="up", metadata={"help": "activation the neurons are chosen on"})
+    z_threshold: float = field(default=2.0, metadata={"help": "SWE z-score threshold"})
+    d_threshold: float = field(default=1.0, metadata={"help": "SWE Cohen's d threshold"})
+    max_neurons: int | None = field(default=None, metadata={"help": "cap |S| by z-score; None = all"})
+    position: str = field(default="last", metadata={"help": "'last' prompt token or 'mean' over prompt tokens"})
+    system_prompt: str | None = field(default=None, metadata={"help": "system prompt for the chat template"})
+    batch_size: int = field(default=8, metadata={"help": "prompts (pass 1) or ids (pass 2) per forward"})
+    mode: str = field(default="joint", metadata={"help": "'joint' (compose layers) or 'separate' (rank them)"})
+    cache_dir: str | None = field(default=None, metadata={"help": "statistics cache folder; None = no cache"})
+
+    def __post_init__(self) -> None:
+        self.layers = sorted({int(l) for l in self.layers})
+        self.low_langs = [str(l) for l in self.low_langs]
+        if not self.layers:
+            raise ValueError("FitConfig.layers is empty: give at least one layer to edit")
+        if not self.low_langs:
+            raise ValueError("FitConfig.low_langs is empty: give the languages to fix")
+        if self.anchor_lang in self.low_langs:
+            raise ValueError(f"anchor language {self.anchor_lang!r} is also among low_langs {self.low_langs}")
+        if self.target not in TARGETS:
+            raise ValueError(f"target must be one of {TARGETS}, got {self.target!r}")
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.max_neurons is not None and self.max_neurons < 1:
+            raise ValueError(f"max_neurons must be >= 1 or None, got {self.max_neurons}")
+
+
+@dataclass
+class LayerReport:
+    """What the fit of one layer saw and achieved."""
+
+    layer: int
+    num_neurons: int
+    rank: int
+    lam: float
+    gap_closed_train: float | None
+    gap_closed_heldout: float | None
+    solve: dict[str, Any]
+
+
+@dataclass
+class FitResult:
+    """The delta plus per-layer reports, the neuron sets and the time each step took."""
+
+    delta: SparseDelta
+    layers: list[LayerReport]
+    neurons: dict[int, torch.Tensor]
+    seconds: dict[str, float]
+
+
+# ---- pieces ------------------------------------------------------------------------------------
+
+def select_neurons(stats: dict[int, NeuronStats], cfg: FitConfig) -> dict[int, torch.Tensor]:
+    """``{layer: S}``: the anchor language's SWE safety neurons, capped at ``max_neurons`` by z."""
+    sets = swe_neurons(stats, langs=[cfg.anchor_lang], activation=cfg.neuron_activation,
+                       z_threshold=cfg.z_threshold, d_threshold=cfg.d_threshold)
+    out = {}
+    for layer in cfg.layers:
+        s = sets.get(layer, cfg.anchor_lang)
+        if s.numel() == 0:
+            raise ValueError(
+                f"layer {layer}: no {cfg.anchor_lang!r} safety neurons at z > {cfg.z_threshold}, "
+                f"d > {cfg.d_threshold}; lower the thresholds or add prompts")
+        if cfg.max_neurons is not None and s.numel() > cfg.max_neurons:
+            act = "up" if cfg.neuron_activation == "up_or_gate" else cfg.neuron_activation
+            z = swe_scores(stats[layer], cfg.anchor_lang, activation=act)["z"]
+            s = s[torch.argsort(z[s], descending=True)[: cfg.max_neurons]].sort().values
+        out[layer] = s
+    return out
+
+
+def _rows(model: nn.Module, layer: int, proj: str, neurons: torch.Tensor) -> torch.Tensor:
+    """Current weight rows ``W[S]`` of ``proj`` ("up"/"gate") as float64 ``(m, d_model)``."""
+    path, _, offset = find_mlp(model, layer).target(proj)
+    module = model.get_submodule(path)
+    weight = getattr(module, "base_layer", module).weight
+    return weight.detach()[neurons.to(weight.device) + offset].double().cpu()
+
+
+def layer_problem(model: nn.Module, cov: CovStats, langs: Sequence[str]) -> dict[str, Any]:
+    """The solver's inputs for one layer from pass-2 statistics pooled over ``langs``.
+
+    Returns ``{"xtx_low" (d, d), "xtd" (d, k), "dtd" float, "count" int}`` in float64, with
+    ``k = m`` (or ``2m`` for proj "both", up columns first) and ``W_S`` the current rows.
+    """
+    pooled = cov.pooled(langs)
+    xtx = pooled["xtx"].double()
+    xty = pooled["xty"].double()
+    w_cols = torch.cat([_rows(model, cov.layer, proj, cov.neurons).T
+                        for proj in cov.target_slices()], dim=1)  # (d, k), paper layout W_S
+    xtd = xty - xtx @ w_cols
+    dtd = float(pooled["y_sumsq"].double().sum() - 2.0 * (w_cols * xty).sum()
+                + (w_cols * (xtx @ w_cols)).sum())
+    return {"xtx_low": xtx, "xtd": xtd, "dtd": dtd, "count": int(pooled["count"])}
+
+
+def _edits(model: nn.Module, layer: int, cov: CovStats, res: SolveResult,
+           dtype: torch.dtype) -> list[ModuleEdit]:
+    """``ModuleEdit``s of one layer from the solver's factors (PyTorch layout, model dtype)."""
+    info = find_mlp(model, layer)
+    v = res.left.T.contiguous()  # (r, d_model), shared by the up and gate targets
+    parts = {proj: res.right[:, cols].T.contiguous() for proj, cols in cov.target_slices().items()}
+    by_module: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+    for proj, u in parts.items():
+        path, _, offset = info.target(proj)
+        by_module.setdefault(path, []).append((cov.neurons + offset, u))
+    edits = []
+    for path, pieces in by_module.items():  # a fused gate_up_proj gets both pieces in one edit
+        idx = torch.cat([p[0] for p in pieces])
+        u = torch.cat([p[1] for p in pieces])
+        order = torch.argsort(idx)
+        edits.append(ModuleEdit(module=path, side="out", neurons=idx[order].to(torch.int64),
+                                U=u[order].to(dtype), V=v.to(dtype)))
+    return edits
+
+
+def _gap_closed(model: nn.Module, cov: CovStats, langs: Sequence[str], res: SolveResult) -> float | None:
+    prob = layer_problem(model, cov, langs)
+    terms = objective_terms((res.left, res.right), prob["xtx_low"], None, prob["xtd"],
+                            gamma=0.0, lam=0.0, dtd=prob["dtd"])
+    return terms.gap_closed
+
+
+# ---- the fit -----------------------------------------------------------------------------------
+
+def fit(model: nn.Module, tokenizer: Any, harmful: Sequence[Prompt], harmless: Sequence[Prompt],
+        cfg: FitConfig, *, heldout: Sequence[Prompt] | None = None,
+        neurons: Mapping[int, Any] | None = None, progress: bool = True) -> FitResult:
+    """Fits a sparse low-rank safety edit; returns the delta (not applied) and its reports.
+
+    Args:
+        model, tokenizer: a loaded causal LM (any architecture :mod:`edit_runtime.arch` finds).
+        harmful: harmful prompts, parallel across languages by ``id`` (anchor + ``low_langs``).
+            Give the training split only (e.g. ``load_prompts(..., split="train")``).
+        harmless: harmless prompts (any languages; the anchor's are needed to find neurons).
+        cfg: :class:`FitConfig`.
+        heldout: harmful prompts of held-out ids (e.g. the validation split), used to report
+            (and, in mode "separate", rank layers by) the share of the safety gap closed.
+        neurons: ``{layer: S}`` to use instead of the anchor's SWE neurons (e.g. SSN's
+            SS-neurons from :mod:`edit_runtime.neurons`); every layer of ``cfg`` needs one.
+    """
+    t_start = time.perf_counter()
+    seconds: dict[str, float] = {}
+    dtype = next(model.parameters()).dtype
+    langs_needed = {cfg.anchor_lang, *cfg.low_langs}
+    harmful = [p for p in harmful if p.lang in langs_needed]
+    missing = langs_needed - {p.lang for p in harmful}
+    if missing:
+        raise ValueError(f"no harmful prompts in {sorted(missing)} (have {sorted({p.lang for p in harmful})})")
+    if not any(p.lang == cfg.anchor_lang for p in harmless):
+        raise ValueError(f"no harmless prompts in the anchor language {cfg.anchor_lang!r}")
+    common = dict(position=cfg.position, system_prompt=cfg.system_prompt, batch_size=cfg.batch_size,
+                  cache_dir=cfg.cache_dir, progress=progress)
+
+    # Pass 1: the anchor's harmful prompts (neurons) and every harmless prompt (neurons, X_safe).
+    t0 = time.perf_counter()
+    groups: dict[tuple[str, str], list[Prompt]] = {
+        (cfg.anchor_lang, "harmful"): [p for p in harmful if p.lang == cfg.anchor_lang]}
+    for p in harmless:
+        groups.setdefault((p.lang, "harmless"), []).append(p)
+    stats1 = collect_neuron_stats(model, tokenizer, groups, cfg.layers, **common)
+    seconds["pass1_neurons"] = time.perf_counter() - t0
+    if neurons is None:
+        neurons = select_neurons(stats1, cfg)
+    else:
+        missing_layers = set(cfg.layers) - {int(l) for l in neurons}
+        if missing_layers:
+            raise ValueError(f"neurons given for layers {sorted(neurons)}, missing {sorted(missing_layers)}")
+        neurons = {int(l): torch.as_tensor(s, dtype=torch.int64).unique() for l, s in neurons.items()}
+    safe_langs = sorted({lang for (lang, label) in groups if label == "harmless"})
+
+    handles: list[PatchHandle] = []
+    edits: list[ModuleEdit] = []
+    reports: list[LayerReport] = []
+    results: dict[int, tuple[SolveResult, CovStats, CovStats | None]] = {}
+    try:
+        plan = [[l] for l in cfg.layers] if cfg.mode == "joint" else [list(cfg.layers)]
+        seconds["pass2_targets"] = seconds["solve"] = 0.0
+        for layers in plan:
+            t0 = time.perf_counter()
+            cov = collect_target_stats(model, tokenizer, harmful, {l: neurons[l] for l in layers},
+                                       anchor_lang=cfg.anchor_lang, proj=cfg.target, **common)
+            cov_held = (collect_target_stats(model, tokenizer, heldout, {l: neurons[l] for l in layers},
+                                             anchor_lang=cfg.anchor_lang, proj=cfg.target, **common)
+                        if heldout else None)
+            seconds["pass2_targets"] += time.perf_counter() - t0
+            for layer in layers:
+                t0 = time.perf_counter()
+                prob = layer_problem(model, cov[layer], cfg.low_langs)
+                xtx_safe = stats1[layer].xtx_sum(safe_langs, "harmless").double()
+                res = solve(prob["xtx_low"], xtx_safe, prob["xtd"], gamma=cfg.gamma, rank=cfg.rank,
+                            lam=cfg.lam, lam_rel=cfg.lam_rel if cfg.lam is None else None,
+                            constraint=cfg.constraint, null_rel=cfg.null_rel, dtd=prob["dtd"])
+                seconds["solve"] += time.perf_counter() - t0
+                held = _gap_closed(model, cov_held[layer], cfg.low_langs, res) if cov_held else None
+                results[layer] = (res, cov[layer], cov_held[layer] if cov_held else None)
+                reports.append(LayerReport(layer=layer, num_neurons=int(neurons[layer].numel()),
+                                           rank=res.rank, lam=res.lam, gap_closed_train=res.gap_closed,
+                                           gap_closed_heldout=held, solve=res.summary()))
+                log.info("layer %d: |S|=%d r=%d gap closed train %.3f held-out %s", layer,
+                         neurons[layer].numel(), res.rank, res.gap_closed or float("nan"),
+                         "n/a" if held is None else f"{held:.3f}")
+                layer_edits = _edits(model, layer, cov[layer], res, dtype)
+                if cfg.mode == "joint":
+                    edits.extend(layer_edits)
+                    if layer != cfg.layers[-1]:  # later layers see this edit
+                        handles.append(patch_model(model, SparseDelta(layer_edits), check_fingerprint=False))
+    finally:
+        for h in reversed(handles):
+            h.remove()
+
+    if cfg.mode == "separate":
+        def score(r: LayerReport) -> float:
+            g = r.gap_closed_heldout if r.gap_closed_heldout is not None else r.gap_closed_train
+            return float("-inf") if g is None else g
+
+        best = max(reports, key=score)
+        res, cov_best, _ = results[best.layer]
+        edits = _edits(model, best.layer, cov_best, res, dtype)
+        kept_layers = [best.layer]
+    else:
+        kept_layers = list(cfg.layers)
+
+    modules = sorted({e.module for e in edits})
+    metadata = {
+        "method": "swe-closed-form",
+        "edit_runtime_version": edit_runtime.__version__,
+        "layers": kept_layers,
+        "config": {k: v for k, v in asdict(cfg).items() if k != "cache_dir"},
+        "languages": {"anchor": cfg.anchor_lang, "low": list(cfg.low_langs), "safe": safe_langs},
+        "data": {"harmful_sha256": dataset_hash(harmful), "harmless_sha256": dataset_hash(harmless),
+                 "heldout_sha256": dataset_hash(heldout) if heldout else None,
+                 "n_harmful": len(harmful), "n_harmless": len(harmless)},
+        "neurons": {str(l): int(neurons[l].numel()) for l in kept_layers},
+        "reports": [asdict(r) for r in reports],
+    }
+    delta = SparseDelta(edits=edits, metadata=metadata, fingerprint=compute_fingerprint(model, modules))
+    seconds["total"] = time.perf_counter() - t_start
+    delta.metadata["seconds"] = seconds
+    return FitResult(delta=delta, layers=reports, neurons=neurons, seconds=seconds)
+
