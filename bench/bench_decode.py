@@ -48,28 +48,31 @@ def decode_step_fn(model, tok, context: int, batch: int):
 
     def step():
         c = copy.deepcopy(cache)
-        return model(input_ids=nxt, past_key_values=c, use_cache=True).logits
+        with torch.no_grad():
+            return model(input_ids=nxt, past_key_values=c, use_cache=True).logits
 
     return step
 
 
 def measure(model, tok, delta: SparseDelta, *, context: int, batch: int, rounds: int) -> dict:
+    """Median decode-step times of the three variants, interleaved round by round."""
     handle = patch_model(model, delta)
-    handle.disable()
     step = decode_step_fn(model, tok, context, batch)
 
     def run(mode: str) -> float:
-        if mode == "unpatched":
-            handle.disable()
-        elif mode == "patched":
-            handle.enable()
+        # Switching happens outside the timed region; "merged" folds the edit into the weights
+        # (no runtime term) and is undone exactly right after.
+        handle.set_enabled(mode != "unpatched")
+        if mode == "merged":
+            handle.merge()
         t0 = time.perf_counter()
         step()
-        return time.perf_counter() - t0
+        elapsed = time.perf_counter() - t0
+        if mode == "merged":
+            handle.unmerge()
+        return elapsed
 
-    # "merged": the same weights with the edit folded in (no runtime term), timed in its own
-    # block because merging rewrites the weights.
-    samples = {"unpatched": [], "patched": []}
+    samples: dict[str, list[float]] = {"unpatched": [], "patched": [], "merged": []}
     order = list(samples)
     rng = random.Random(0)
     for mode in order:
@@ -79,23 +82,19 @@ def measure(model, tok, delta: SparseDelta, *, context: int, batch: int, rounds:
         for mode in order:
             samples[mode].append(run(mode))
     handle.enable()
-    with torch.no_grad():
-        logits_patched = step()
+    logits_patched = step()
     handle.merge()
-    merged = []
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        logits_merged = step()
-        merged.append(time.perf_counter() - t0)
+    logits_merged = step()
     handle.unmerge()
     handle.remove()
-    base = statistics.median(samples["unpatched"])
+    med = {k: statistics.median(v) for k, v in samples.items()}
+    ratio = {k: statistics.median(a / b for a, b in zip(v, samples["unpatched"])) for k, v in samples.items()}
     return {
-        "unpatched_ms": base * 1e3,
-        "patched_ms": statistics.median(samples["patched"]) * 1e3,
-        "merged_ms": statistics.median(merged) * 1e3,
-        "patched_ratio": statistics.median(p / u for p, u in zip(samples["patched"], samples["unpatched"])),
-        "merged_ratio": statistics.median(merged) / base,
+        "unpatched_ms": med["unpatched"] * 1e3,
+        "patched_ms": med["patched"] * 1e3,
+        "merged_ms": med["merged"] * 1e3,
+        "patched_ratio": ratio["patched"],
+        "merged_ratio": ratio["merged"],
         "max_abs_diff_merged_vs_patched": float((logits_merged - logits_patched).abs().max()),
     }
 
