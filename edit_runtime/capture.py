@@ -93,6 +93,7 @@ import json
 import logging
 import os
 import re
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -702,6 +703,17 @@ def _input_device(model: nn.Module) -> torch.device:
 _INT_VIEW = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
+# model -> (state key, fingerprint). Hashing every weight costs seconds on a 0.5B model and a fit
+# asks once per pass; the key (each tensor's storage address and in-place version counter)
+# changes whenever a weight is replaced or written in place (e.g. a merge), so a hit is exact.
+_FINGERPRINTS: "weakref.WeakKeyDictionary[nn.Module, tuple[tuple, str]]" = weakref.WeakKeyDictionary()
+
+
+def _state_key(model: nn.Module) -> tuple:
+    return tuple((name, t.data_ptr(), t._version, t.dtype, tuple(t.shape))
+                 for name, t in model.state_dict(keep_vars=True).items())
+
+
 def model_fingerprint(model: nn.Module) -> str:
     """sha256 hex of the config's shape fields and of every parameter and persistent buffer:
     name, shape, dtype and an exact integer checksum of its bits (the int64 sum of the values
@@ -709,6 +721,17 @@ def model_fingerprint(model: nn.Module) -> str:
     Another model, another dtype or an in-place (merged) edit changes it; runtime wrappers
     (unmerged patches) keep the unpatched ``state_dict`` and are covered by
     :func:`patch_fingerprint`. Cost: one reduction per tensor on its device, one host transfer."""
+    key = _state_key(model)
+    hit = _FINGERPRINTS.get(model)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    fingerprint = _model_fingerprint(model)
+    _FINGERPRINTS[model] = (key, fingerprint)
+    return fingerprint
+
+
+def _model_fingerprint(model: nn.Module) -> str:
+    # (documented on model_fingerprint)
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "get_text_config"):
         config = config.get_text_config()

@@ -493,3 +493,21 @@ def test_bf16_model_last_and_mean(tok):
         for name, t in want._tensors().items():
             err = float((getattr(got, name) - t).norm() / t.norm().clamp_min(1e-12))
             assert err < 3e-2, f"{position} {name}: relative error {err:.3g}"
+
+
+def test_model_fingerprint_memo_follows_in_place_writes(tok):
+    """The memoized fingerprint is recomputed after an in-place write or a replaced weight."""
+    m = tiny_llama(len(tok), n_layers=2, seed=1)
+    first = model_fingerprint(m)
+    assert model_fingerprint(m) == first == capture._model_fingerprint(m)
+    w = m.get_submodule(find_mlp(m, 1).up).weight
+    old = w[0, 0].item()
+    with torch.no_grad():
+        w[0, 0] += 1.0
+    changed = model_fingerprint(m)
+    assert changed != first and changed == capture._model_fingerprint(m)
+    with torch.no_grad():
+        w[0, 0] = old  # the same bits again: the same fingerprint, recomputed
+    assert model_fingerprint(m) == first
+    m.get_submodule(find_mlp(m, 1).up).weight = torch.nn.Parameter(w.detach().clone() * 2)
+    assert model_fingerprint(m) not in (first, changed)
