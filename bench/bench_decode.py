@@ -39,7 +39,7 @@ def random_delta(model: torch.nn.Module, layers: list[int], n_neurons: int, rank
 
 
 @torch.no_grad()
-def decode_step_fn(model, tok, context: int, batch: int):
+def decode_step_fn(model, context: int, batch: int):
     """A closure running one decode step on a fresh copy of a prefilled KV cache."""
     ids = torch.randint(100, 1000, (batch, context), generator=torch.Generator().manual_seed(1))
     out = model(input_ids=ids, use_cache=True)
@@ -54,10 +54,10 @@ def decode_step_fn(model, tok, context: int, batch: int):
     return step
 
 
-def measure(model, tok, delta: SparseDelta, *, context: int, batch: int, rounds: int) -> dict:
+def measure(model, delta: SparseDelta, *, context: int, batch: int, rounds: int) -> dict:
     """Median decode-step times of the three variants, interleaved round by round."""
     handle = patch_model(model, delta)
-    step = decode_step_fn(model, tok, context, batch)
+    step = decode_step_fn(model, context, batch)
 
     def run(mode: str) -> float:
         # Switching happens outside the timed region; "merged" folds the edit into the weights
@@ -112,9 +112,9 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, tok = load_model(args.model)
+    model, _ = load_model(args.model)
     delta = random_delta(model, args.layers, args.neurons, args.rank)
-    r = measure(model, tok, delta, context=args.context, batch=args.batch, rounds=args.rounds)
+    r = measure(model, delta, context=args.context, batch=args.batch, rounds=args.rounds)
     print(f"# decode step, {args.model}, CPU {torch.get_num_threads()} threads, fp32, batch {args.batch}, "
           f"context {args.context}, edit: up_proj layers {args.layers}, |S| {args.neurons}, r {args.rank}; "
           f"median of {args.rounds} interleaved rounds")

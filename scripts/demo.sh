@@ -5,5 +5,4 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 bash scripts/bootstrap.sh
 . .venv/bin/activate
-python -m edit_runtime.models prepare
 python bench/runtime_table.py "$@"

@@ -58,7 +58,7 @@ def test_fit_closes_the_gap_it_reports(smollm2):
     by = {(p.id, p.lang): p.text for p in harm}
     ids = sorted({p.id for p in harm})
     _, y_en = _mlp_io(model, tok, [by[(i, "en")] for i in ids], layer)
-    before, after, total = 0.0, 0.0, 0.0
+    before, after = 0.0, 0.0
     for lang in LOW:
         x, y = _mlp_io(model, tok, [by[(i, lang)] for i in ids], layer)
         with patch_model(model, res.delta):
@@ -69,7 +69,6 @@ def test_fit_closes_the_gap_it_reports(smollm2):
         # the edited pre-activation is exactly x (W_S + ΔW_S): the patch applies the solved factors
         dW = (edit.U.double() @ edit.V.double()).T  # (d, m) paper layout
         torch.testing.assert_close(y_edit[:, S], y[:, S] + x @ dW, rtol=1e-4, atol=1e-4)
-        total += 1
     gap = 1.0 - after / before
     assert 0.0 < gap <= 1.0
     assert abs(gap - res.layers[0].gap_closed_train) < 1e-3
