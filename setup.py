@@ -24,7 +24,7 @@ import warnings
 from setuptools import setup
 
 PACKAGES = dict(
-    packages=["edit_runtime", "edit_runtime.kernels"],
+    packages=["edit_runtime", "edit_runtime.commands", "edit_runtime.serve", "edit_runtime.kernels"],
     package_dir={"edit_runtime": "edit_runtime", "edit_runtime.kernels": "kernels"},
     # The team's own prompt set ships with the package so the demo needs no outside data.
     package_data={"edit_runtime": ["prompts/*.jsonl", "prompts/README.md"]},

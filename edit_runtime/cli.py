@@ -179,6 +179,25 @@ def _add_neurons(sub: argparse._SubParsersAction) -> None:
 
 _REGISTRARS: list[Callable[[argparse._SubParsersAction], None]] = [_add_models, _add_neurons, _add_fit]
 
+# Larger commands live in their own modules under ``edit_runtime/commands/``; each exposes
+# ``register(sub)`` and imports only argparse at module level so ``--help`` stays fast.
+_COMMAND_MODULES = ("eval", "serve", "export")
+
+
+def _command_registrars() -> list[Callable[[argparse._SubParsersAction], None]]:
+    import importlib
+
+    found = []
+    for name in _COMMAND_MODULES:
+        try:
+            module = importlib.import_module(f"edit_runtime.commands.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"edit_runtime.commands.{name}":
+                raise
+            continue
+        found.append(module.register)
+    return found
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -187,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="count", default=0, help="debug logging (-vv: also show tracebacks)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for register in _REGISTRARS:
+    for register in [*_REGISTRARS, *_command_registrars()]:
         register(sub)
     return parser
 
