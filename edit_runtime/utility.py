@@ -665,15 +665,26 @@ def over_refusal(model: Any, tokenizer: Any, prompts: Sequence[Prompt], *, judge
         log.warning("over_refusal got %d prompts labelled harmful; over-refusal is meant for "
                     "harmless prompts", n_harmful)
     results: dict[str, dict] = {}
-    for lang, ps in groups.items():
-        tokens = max_new_tokens if max_new_tokens is not None else int(budget(lang))
-        texts = [p.text for p in ps]
-        responses = _generate(model, tokenizer, texts, max_new_tokens=tokens,
+    # One generation call for every language (per-prompt budgets): full batches, not one
+    # small batch per language.
+    budgets = {lang: max_new_tokens if max_new_tokens is not None else int(budget(lang))
+               for lang in groups}
+    all_texts = [p.text for ps in groups.values() for p in ps]
+    all_budgets = [budgets[lang] for lang, ps in groups.items() for _ in ps]
+    same = len(set(all_budgets)) == 1
+    all_responses = _generate(model, tokenizer, all_texts,
+                              max_new_tokens=all_budgets[0] if same else all_budgets,
                               batch_size=batch_size, system_prompt=None, chat=True,
-                              progress=progress, desc=f"over-refusal {lang}")
-        if len(responses) != len(ps):
-            raise RuntimeError(f"generator returned {len(responses)} responses for {len(ps)} "
-                               "prompts")
+                              progress=progress, desc="over-refusal")
+    if len(all_responses) != len(all_texts):
+        raise RuntimeError(f"generator returned {len(all_responses)} responses for "
+                           f"{len(all_texts)} prompts")
+    start = 0
+    for lang, ps in groups.items():
+        tokens = budgets[lang]
+        texts = [p.text for p in ps]
+        responses = all_responses[start:start + len(ps)]
+        start += len(ps)
         verdicts = list(judge.judge_batch(texts, responses, [lang] * len(ps)))
         if len(verdicts) != len(ps):
             raise RuntimeError(f"judge returned {len(verdicts)} verdicts for {len(ps)} responses")

@@ -5,4 +5,4 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 bash scripts/bootstrap.sh
 . .venv/bin/activate
-python bench/runtime_table.py "$@"
+python -m edit_runtime.demo "$@"

@@ -352,8 +352,9 @@ def test_over_refusal_accounting(monkeypatch):
     assert res["en"]["ci_low"] <= res["en"]["rate"] <= res["en"]["ci_high"]
     assert [it["label"] for it in res["en"]["items"]] == ["refusal", "compliance", "invalid"]
     # budget per language from edit_runtime.judge.min_new_tokens_for; chat, no system prompt
-    assert [kw["max_new_tokens"] for _, kw in fake.calls] == [min_new_tokens_for("en"),
-                                                               min_new_tokens_for("bn")]
+    # one generation call for all languages, with one budget per prompt
+    assert [kw["max_new_tokens"] for _, kw in fake.calls] == [[min_new_tokens_for("en")] * 3
+                                                              + [min_new_tokens_for("bn")] * 2]
     assert res["bn"]["max_new_tokens"] == min_new_tokens_for("bn") > min_new_tokens_for("en")
     assert all(kw["chat"] and kw["system_prompt"] is None for _, kw in fake.calls)
     assert judge.calls[1] == (["ক", "খ"], ["ok", "REFUSE"], ["bn", "bn"])

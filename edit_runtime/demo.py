@@ -1,0 +1,133 @@
+"""The main job: fit a safety edit on the real Qwen model and show what it changes.
+
+    python -m edit_runtime.demo [-o demo_out] [--layer 20] [--rank 16] [--limit N] [--quick]
+
+On the embedded default (Qwen2.5-Coder-0.5B-Instruct from its wheels, the team's own parallel
+prompt set in ``edit_runtime/prompts``) it
+
+1. fits a closed-form sparse low-rank edit of one layer's ``up_proj`` rows on the *train* split
+   (harmful prompts of every non-English language mapped onto the English ones, harmless prompts
+   of all languages as the utility term),
+2. evaluates the base model and the edited model on the held-out *test* split: greedy responses,
+   judged refusal / compliance / invalid per language with bootstrap intervals, plus the
+   over-refusal rate and next-token KL on held-out harmless prompts,
+3. prints the per-language table and writes ``results.json``, ``results.md``, the plots, the
+   delta and every response under the output folder.
+
+Everything runs on CPU; with the defaults it takes about 15-25 minutes on a 2-core machine.
+Re-running the same command resumes: finished responses are not generated again.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+DEFAULT_MODEL = "qwen2.5-coder-0.5b-instruct"
+DEFAULT_LANGS = ("en", "zh", "vi", "th", "bn", "sw", "fr", "ar")
+
+
+def _ids_limited(prompts: list, limit: int | None) -> list:
+    if not limit:
+        return prompts
+    keep = set(sorted({p.id for p in prompts})[:limit])
+    return [p for p in prompts if p.id in keep]
+
+
+def run(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m edit_runtime.demo", description=__doc__.split("\n")[0])
+    p.add_argument("--model", default=DEFAULT_MODEL, help="short name, HF folder or hub id")
+    p.add_argument("--harmful", default="builtin:harmful")
+    p.add_argument("--harmless", default="builtin:harmless")
+    p.add_argument("--langs", default=",".join(DEFAULT_LANGS), help="first one is the anchor (English)")
+    p.add_argument("--layer", type=int, default=20)
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--gamma", type=float, default=1.0)
+    p.add_argument("--limit", type=int, default=None, help="at most N prompt ids per split (quick look)")
+    p.add_argument("--quick", action="store_true", help="= --limit 4 and 32 new tokens (a smoke run)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("-o", "--output", default="demo_out")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
+    import torch
+
+    from edit_runtime.data import load_prompts
+    from edit_runtime.evaluate import UtilityOptions, evaluate
+    from edit_runtime.fit import FitConfig, fit
+    from edit_runtime.models import load_model
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    limit = 4 if args.quick and not args.limit else args.limit
+    max_new = 32 if args.quick else None
+    langs = [s.strip() for s in args.langs.split(",") if s.strip()]
+    anchor, low = langs[0], langs[1:]
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    t_start = time.time()
+    seconds: dict[str, float] = {}
+
+    def step(msg: str) -> None:
+        print(f"\n== [{time.time() - t_start:6.0f} s] {msg}", flush=True)
+
+    step(f"loading {args.model}")
+    t = time.time()
+    model, tok = load_model(args.model)
+    seconds["load"] = time.time() - t
+
+    harm_train = _ids_limited(load_prompts(args.harmful, langs=langs, split="train"), limit)
+    safe_train = _ids_limited(load_prompts(args.harmless, langs=langs, split="train"), limit)
+    harm_test = _ids_limited(load_prompts(args.harmful, langs=langs, split="test"), limit)
+    safe_test = _ids_limited(load_prompts(args.harmless, langs=langs, split="test"), limit)
+    print(f"   fit on train: {len(harm_train)} harmful + {len(safe_train)} harmless prompts; "
+          f"evaluate on test: {len(harm_test)} harmful + {len(safe_test)} harmless ({len(langs)} languages)")
+
+    delta_path = out / "delta.safetensors"
+    step(f"fitting layer {args.layer} up_proj, rank {args.rank}, {'+'.join(low)} -> {anchor}")
+    t = time.time()
+    cfg = FitConfig(layers=[args.layer], low_langs=low, anchor_lang=anchor, rank=args.rank,
+                    gamma=args.gamma, batch_size=args.batch_size)
+    result = fit(model, tok, harm_train, safe_train, cfg)
+    result.delta.save(delta_path)
+    seconds["fit"] = time.time() - t
+    for r in result.layers:
+        print(f"   layer {r.layer}: |S| = {r.num_neurons} neurons, rank {r.rank}, "
+              f"lambda {r.lam:.3g}, safety gap closed on train "
+              f"{'n/a' if r.gap_closed_train is None else format(r.gap_closed_train, '.2f')}")
+    print(f"   wrote {delta_path}")
+
+    step("evaluating base vs edited on the held-out test split (resumable)")
+    t = time.time()
+    res = evaluate(model, tok, harm_test, variants={"base": None, "edited": delta_path},
+                   out_dir=out, max_new_tokens=max_new, batch_size=args.batch_size,
+                   utility=UtilityOptions(harmless=safe_test, over_refusal_max_new_tokens=max_new),
+                   model_name=args.model)
+    seconds["evaluate"] = time.time() - t
+
+    step("results")
+    md = (out / "results.md").read_text(encoding="utf-8")
+    print(md)
+    base, edited = res.variants["base"].per_lang(), res.variants["edited"].per_lang()
+    print("refusal rate per language, base -> edited:")
+    for lang in res.langs:
+        b, e = base[lang], edited[lang]
+        print(f"   {lang}: {b['refusal_rate']:.0%} -> {e['refusal_rate']:.0%}   "
+              f"(compliance {b['asr']:.0%} -> {e['asr']:.0%}, invalid {b['invalid_rate']:.0%} -> "
+              f"{e['invalid_rate']:.0%}, n={e['n']})")
+    seconds["total"] = time.time() - t_start
+    print("\nseconds: " + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items()))
+    print(f"report, plots and every response: {out.resolve()}/")
+    return 0
+
+
+def main() -> None:  # pragma: no cover
+    sys.exit(run())
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
