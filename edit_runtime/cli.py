@@ -187,16 +187,7 @@ _COMMAND_MODULES = ("eval", "serve", "export")
 def _command_registrars() -> list[Callable[[argparse._SubParsersAction], None]]:
     import importlib
 
-    found = []
-    for name in _COMMAND_MODULES:
-        try:
-            module = importlib.import_module(f"edit_runtime.commands.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"edit_runtime.commands.{name}":
-                raise
-            continue
-        found.append(module.register)
-    return found
+    return [importlib.import_module(f"edit_runtime.commands.{name}").register for name in _COMMAND_MODULES]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -46,8 +46,10 @@ def run(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--layer", type=int, default=20)
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--gamma", type=float, default=1.0)
-    p.add_argument("--limit", type=int, default=None, help="at most N prompt ids per split (quick look)")
-    p.add_argument("--quick", action="store_true", help="= --limit 4 and 32 new tokens (a smoke run)")
+    p.add_argument("--limit", type=int, default=None,
+                   help="evaluate on at most N held-out prompt ids per language (the fit uses the whole train split)")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke run: 4 ids per split (fit included) and 32 new tokens")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("-o", "--output", default="demo_out")
@@ -64,6 +66,7 @@ def run(argv: Sequence[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     limit = 4 if args.quick and not args.limit else args.limit
+    fit_limit = 4 if args.quick else None
     max_new = 32 if args.quick else None
     langs = [s.strip() for s in args.langs.split(",") if s.strip()]
     anchor, low = langs[0], langs[1:]
@@ -80,8 +83,8 @@ def run(argv: Sequence[str] | None = None) -> int:
     model, tok = load_model(args.model)
     seconds["load"] = time.time() - t
 
-    harm_train = _ids_limited(load_prompts(args.harmful, langs=langs, split="train"), limit)
-    safe_train = _ids_limited(load_prompts(args.harmless, langs=langs, split="train"), limit)
+    harm_train = _ids_limited(load_prompts(args.harmful, langs=langs, split="train"), fit_limit)
+    safe_train = _ids_limited(load_prompts(args.harmless, langs=langs, split="train"), fit_limit)
     harm_test = _ids_limited(load_prompts(args.harmful, langs=langs, split="test"), limit)
     safe_test = _ids_limited(load_prompts(args.harmless, langs=langs, split="test"), limit)
     print(f"   fit on train: {len(harm_train)} harmful + {len(safe_train)} harmless prompts; "
