@@ -503,6 +503,279 @@ def test_fp16_overflow_is_refused_before_patching():
     assert_state_equal(model, snap) and not patched_modules(model)
 
 
+# -- CPU fast path (EditedLinear.forward for additive side-out edits on CPU fp32/fp64) -------------------
+def _lin_holder(d_in=24, d_out=40, *, bias=True, dtype=torch.float32, seed=0):
+    """A module whose child ``lin`` is a random nn.Linear (a one-layer "model" to patch)."""
+    g = torch.Generator().manual_seed(seed)
+    holder = torch.nn.Module()
+    holder.lin = torch.nn.Linear(d_in, d_out, bias=bias, dtype=dtype)
+    with torch.no_grad():
+        holder.lin.weight.copy_(torch.randn(d_out, d_in, generator=g))
+        if bias:
+            holder.lin.bias.copy_(torch.randn(d_out, generator=g))
+    return holder
+
+
+def _out_edit(lin, m, r, *, seed, scale=False, neurons=None):
+    g = torch.Generator().manual_seed(seed)
+    S = torch.randperm(lin.out_features, generator=g)[:m].sort().values if neurons is None else neurons
+    U = torch.randn(len(S), r, generator=g).to(lin.weight.dtype)
+    V = torch.randn(r, lin.in_features, generator=g).to(lin.weight.dtype)
+    sc = torch.rand(len(S), generator=g).to(lin.weight.dtype) * 2 if scale else None
+    return ModuleEdit("lin", "out", S, U, V, sc)
+
+
+def _reference(lin, x, *edits, rows=None):
+    """float64 output of ``lin`` with the additive side-out edits written densely into its weight;
+    ``rows`` (bool per flattened token) keeps the unedited output where False."""
+    W = lin.weight.detach().double().clone()
+    for e in edits:
+        W[e.neurons] += e.U.double() @ e.V.double()
+    b = None if lin.bias is None else lin.bias.detach().double()
+    x64 = x.detach().double()
+    out = torch.nn.functional.linear(x64, W, b)
+    if rows is not None:
+        base = torch.nn.functional.linear(x64, lin.weight.detach().double(), b)
+        flat = out.reshape(-1, out.shape[-1])
+        keep = ~torch.as_tensor(rows)
+        flat[keep] = base.reshape(-1, out.shape[-1])[keep]
+    return out
+
+
+def _force_regimes(monkeypatch, dense_max_tokens, out_features, rank):
+    """Sets FAST_DENSE_MAX_MACS so that plans built next use the dense form up to that many tokens."""
+    import edit_runtime.patch as P
+    monkeypatch.setattr(P, "FAST_DENSE_MAX_MACS", dense_max_tokens * out_features * rank)
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, dict(rtol=2e-5, atol=2e-4)),
+                                        (torch.float64, dict(rtol=1e-12, atol=1e-10))])
+@pytest.mark.parametrize("shape", [(5,), (1, 5), (4, 5), (2, 3, 5), (13, 5)])  # last dim: placeholder
+def test_fast_path_matches_float64(monkeypatch, dtype, tol, shape):
+    """Dense regime (N <= 4 here) and scatter regime (N > 4), 1-D/2-D/3-D inputs, two stacked handles."""
+    _force_regimes(monkeypatch, 4, 40, 3 + 2)
+    holder = _lin_holder(dtype=dtype)
+    lin = holder.lin
+    a, b = _out_edit(lin, 7, 3, seed=1), _out_edit(lin, 9, 2, seed=2)
+    ha = patch_model(holder, SparseDelta([a]))
+    hb = patch_model(holder, SparseDelta([b]))
+    wrapper = holder.lin
+    assert wrapper._fast is not None and wrapper._fast.dense_max_tokens == 4
+    x = torch.randn(*shape[:-1], lin.in_features, dtype=dtype, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        got = wrapper(x)
+    assert got.shape == (*shape[:-1], lin.out_features) and got.dtype == dtype
+    torch.testing.assert_close(got.double(), _reference(lin, x, a, b), **tol)
+    hb.remove()
+    with torch.no_grad():
+        torch.testing.assert_close(wrapper(x).double(), _reference(lin, x, a), **tol)
+    ha.remove()
+
+
+def test_fast_path_used_only_where_it_applies():
+    holder = _lin_holder()
+    lin = holder.lin
+    h = patch_model(holder, SparseDelta([_out_edit(lin, 5, 2, seed=1)]))
+    assert holder.lin._fast is not None
+    h.merge()
+    assert holder.lin._fast is None  # nothing left at runtime
+    h.unmerge()
+    assert holder.lin._fast is not None
+    scaled = patch_model(holder, SparseDelta([_out_edit(lin, 5, 2, seed=2, scale=True)]))
+    assert holder.lin._fast is None  # a scale: the general path (ops.lowrank_apply_out)
+    scaled.remove()
+    assert holder.lin._fast is not None
+    h.remove()
+    side_in = SparseDelta([ModuleEdit("lin", "in", torch.tensor([1, 4]), torch.randn(40, 2),
+                                      torch.randn(2, 2))])
+    with patch_model(holder, side_in):
+        assert holder.lin._fast is None
+    half = _lin_holder(dtype=torch.bfloat16)
+    with patch_model(half, SparseDelta([_out_edit(half.lin, 5, 2, seed=1)])):
+        assert half.lin._fast is None  # 16-bit: y rounded once, through the general path
+
+
+def test_fast_path_toggles_and_masks_exactly():
+    """enabled is folded into the fast path's factors: toggling rewrites them in place."""
+    holder = _lin_holder()
+    lin = holder.lin
+    a, b = _out_edit(lin, 6, 3, seed=1), _out_edit(lin, 6, 2, seed=2)
+    x = torch.randn(3, 4, lin.in_features, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        base = lin(x)
+        ha = patch_model(holder, SparseDelta([a]), enabled=False)
+        hb = patch_model(holder, SparseDelta([b]))
+        run = lambda: holder.lin(x)  # noqa: E731
+        torch.testing.assert_close(run().double(), _reference(lin, x, b), **FP32)
+        hb.disable()
+        assert torch.equal(run(), base)  # everything off: the base output bit for bit
+        ha.enable()
+        torch.testing.assert_close(run().double(), _reference(lin, x, a), **FP32)
+        hb.enable()
+        both = run()
+        torch.testing.assert_close(both.double(), _reference(lin, x, a, b), **FP32)
+        with ha.disabled():
+            torch.testing.assert_close(run().double(), _reference(lin, x, b), **FP32)
+        assert torch.equal(run(), both)
+        # Row masks per handle: sequences 0 and 2 get a, every sequence gets b.
+        ha.set_row_mask([True, False, True])
+        mixed = run()
+        rows = torch.tensor([True, False, True]).repeat_interleave(4)
+        want_a_rows = _reference(lin, x, a, b).reshape(12, -1)
+        want_b_only = _reference(lin, x, b).reshape(12, -1)
+        torch.testing.assert_close(mixed.reshape(12, -1)[rows].double(), want_a_rows[rows], **FP32)
+        torch.testing.assert_close(mixed.reshape(12, -1)[~rows].double(), want_b_only[~rows], **FP32)
+        hb.set_row_mask([False, False, False])
+        hb_off = run().reshape(12, -1)
+        assert torch.equal(hb_off[~rows], base.reshape(12, -1)[~rows])
+        with pytest.raises(PatchError, match="row mask has 3 rows but the input batch has 2"):
+            run_x = holder.lin(x[:2])  # noqa: F841
+        ha.clear_row_mask()
+        hb.clear_row_mask()
+        assert torch.equal(run(), both)
+        hb.remove()
+        ha.remove()
+        assert holder.lin is lin and torch.equal(lin(x), base)
+
+
+def test_fast_path_sees_weight_changes():
+    """The fast path holds no copy of the base weight: in-place writes, load_state_dict and a
+    replaced Parameter are all seen by the next call (nothing to go stale)."""
+    holder = _lin_holder()
+    lin = holder.lin
+    e = _out_edit(lin, 5, 2, seed=1)
+    x = torch.randn(6, lin.in_features)
+    handle = patch_model(holder, SparseDelta([e]))
+    wrapper = holder.lin
+    with torch.no_grad():
+        lin.weight.mul_(0.5)
+        torch.testing.assert_close(wrapper(x).double(), _reference(lin, x, e), **FP32)
+        sd = {k: v * 2 for k, v in holder.state_dict().items()}
+        holder.load_state_dict(sd)
+        torch.testing.assert_close(wrapper(x).double(), _reference(lin, x, e), **FP32)
+        lin.weight = torch.nn.Parameter(torch.randn_like(lin.weight))
+        torch.testing.assert_close(wrapper(x).double(), _reference(lin, x, e), **FP32)
+    handle.remove()
+
+
+@pytest.mark.parametrize("dense_max_tokens", [0, 64])  # scatter regime, dense regime
+def test_fast_path_backpropagates(monkeypatch, dense_max_tokens):
+    _force_regimes(monkeypatch, dense_max_tokens, 40, 2)
+    holder = _lin_holder()
+    lin = holder.lin
+    e = _out_edit(lin, 5, 2, seed=1)
+    dense = copy.deepcopy(lin)
+    with torch.no_grad():
+        dense.weight[e.neurons] += e.U @ e.V
+    handle = patch_model(holder, SparseDelta([e]))
+    assert holder.lin._fast.dense_max_tokens == dense_max_tokens
+    x = torch.randn(2, 7, lin.in_features, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_()
+    holder.lin(x).square().sum().backward()
+    dense(x_ref).square().sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad, **FP32)
+    torch.testing.assert_close(lin.weight.grad, dense.weight.grad, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(lin.bias.grad, dense.bias.grad, rtol=1e-5, atol=1e-4)
+    handle.remove()
+
+
+def test_fast_path_adds_no_state():
+    holder = _lin_holder()
+    keys, snap = list(holder.state_dict()), state_snapshot(holder)
+    handle = patch_model(holder, SparseDelta([_out_edit(holder.lin, 5, 2, seed=1)]))
+    assert holder.lin._fast is not None
+    assert list(holder.state_dict()) == keys == ["lin.weight", "lin.bias"]
+    assert_state_equal(holder, snap)
+    assert not list(holder.lin.buffers())
+    assert [n for n, _ in holder.named_parameters()] == ["lin.base_layer.weight", "lin.base_layer.bias"]
+    handle.merge()
+    handle.unmerge()
+    assert_state_equal(holder, snap)
+    handle.remove()
+    assert_state_equal(holder, snap)
+
+
+@pytest.mark.parametrize("where", ["forward", "forward_pre", "global"])
+def test_fast_path_runs_base_layer_hooks(where):
+    """Hooks on the wrapped Linear (e.g. registered before patching) still run: then the
+    wrapper calls the Linear as a module instead of F.linear."""
+    holder = _lin_holder()
+    lin = holder.lin
+    e = _out_edit(lin, 5, 2, seed=1)
+    x = torch.randn(3, lin.in_features)
+    calls = []
+    if where == "forward":
+        hook = lin.register_forward_hook(lambda m, a, out: calls.append(1) or out * 2)
+    elif where == "forward_pre":
+        hook = lin.register_forward_pre_hook(lambda m, a: calls.append(1) or (a[0] * 2,))
+    else:
+        hook = torch.nn.modules.module.register_module_forward_hook(lambda m, a, out: calls.append(m))
+    try:
+        with torch.no_grad():
+            want = lin(x)
+            calls.clear()
+            with patch_model(holder, SparseDelta([e]), enabled=False):
+                got = holder.lin(x)
+    finally:
+        hook.remove()
+    assert torch.equal(got, want)
+    assert any(c is lin for c in calls) if where == "global" else calls
+
+
+def test_patched_under_inference_mode_toggles_outside():
+    """Switches and fast-path factors made inside torch.inference_mode() are normal tensors, so
+    toggling and masking later (outside it) writes them in place without an error."""
+    holder = _lin_holder()
+    lin = holder.lin
+    e = _out_edit(lin, 5, 2, seed=1)
+    x = torch.randn(2, lin.in_features)
+    with torch.inference_mode():
+        base = lin(x)
+        handle = patch_model(holder, SparseDelta([e]), row_mask=[True, True])
+        on = holder.lin(x)
+    handle.disable()
+    handle.set_row_mask([True, False])
+    handle.enable()
+    with torch.no_grad():
+        got = holder.lin(x)
+    assert torch.equal(got[1], base[1]) and torch.equal(got[0], on[0])
+    with torch.inference_mode():
+        handle.set_row_mask([False, True])
+    handle.set_row_mask([True, True])
+    handle.remove()
+
+
+def test_torch_compile_fast_path_without_recompiling():
+    torch._dynamo.reset()
+    model = make_tiny_model("llama")
+    ids = tiny_input_ids()
+    delta = SparseDelta([random_edit(model, LAYER, "up", m=20, r=3, seed=7)])
+    base = logits(model, ids)
+    handle = patch_model(model, delta)
+    assert model.get_submodule(delta.edits[0].module)._fast is not None
+    eager_on = logits(model, ids)
+    compiled = torch.compile(model)
+    with torch.no_grad():
+        run = lambda: compiled(ids, use_cache=False).logits  # noqa: E731
+        torch.testing.assert_close(run(), eager_on, **FP32)
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            handle.disable()
+            torch.testing.assert_close(run(), base, **FP32)
+            handle.enable()
+            torch.testing.assert_close(run(), eager_on, **FP32)
+        handle.set_row_mask([True, False])  # None -> a mask: one recompile is allowed
+        mixed = run()
+        torch.testing.assert_close(mixed[0], eager_on[0], **FP32)
+        torch.testing.assert_close(mixed[1], base[1], **FP32)
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            handle.set_row_mask([False, True])  # same length: written in place
+            mixed = run()
+            torch.testing.assert_close(mixed[1], eager_on[1], **FP32)
+            torch.testing.assert_close(mixed[0], base[0], **FP32)
+    handle.remove()
+    torch._dynamo.reset()
+
+
 # -- torch.compile ------------------------------------------------------------------------------------
 def test_torch_compile_toggle_without_recompiling():
     torch._dynamo.reset()
