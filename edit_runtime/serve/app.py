@@ -314,18 +314,22 @@ def create_app(engine: ServingEngine, *, manage_engine: bool = False, max_reques
     async def wait_final(request: Request, sink: _AsyncSink, request_id: str) -> Finished | Failed:
         """Waits for the last event of a non-streaming request, watching for a disconnect."""
         getter: asyncio.Future | None = None
+        next_poll = time.monotonic() + _DISCONNECT_POLL_S
         try:
             while True:
                 if getter is None:
                     getter = asyncio.ensure_future(sink.queue.get())
-                done, _ = await asyncio.wait({getter}, timeout=_DISCONNECT_POLL_S)
-                if not done:
+                done, _ = await asyncio.wait({getter}, timeout=max(0.0, next_poll - time.monotonic()))
+                if done:
+                    event, getter = getter.result(), None
+                    if isinstance(event, (Finished, Failed)):
+                        return event
+                # Poll on the clock, not on silence: token events can arrive faster than the poll
+                # interval for the whole request, and a gone client must still be noticed.
+                if time.monotonic() >= next_poll:
                     if await request.is_disconnected():
                         raise _ClientGone
-                    continue
-                event, getter = getter.result(), None
-                if isinstance(event, (Finished, Failed)):
-                    return event
+                    next_poll = time.monotonic() + _DISCONNECT_POLL_S
         finally:
             if getter is not None:
                 getter.cancel()
