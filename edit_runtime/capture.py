@@ -17,9 +17,26 @@ the chat template (the assistant header), ``position="mean"`` averages over the 
 tokenizer's); attention masks and explicit ``position_ids`` (``cumsum(mask) - 1``) make left and
 right padding give the same numbers. Hooks sit on the MLP module and on whatever module lives at
 the projection paths, so a model patched with :func:`edit_runtime.patch_model` is captured as it
-runs (patched outputs, unscaled ``down_proj`` input). The forward is stopped right after the
-MLP of the last needed layer (a private exception raised from a hook and caught), so neither the
-later layers nor the LM head run.
+runs (patched outputs, unscaled ``down_proj`` input).
+
+Work per prompt
+---------------
+The forward is the whole cost (CPU: ~0.6 GFLOP per token up to layer 20 of Qwen2.5-0.5B), so
+capture forwards as few tokens as it can, all with the same statistics up to fp32 rounding:
+
+- **Early stop**: the forward is stopped right after the MLP of the last needed layer (a private
+  exception raised from a hook and caught), so neither the later layers nor the LM head run;
+  with ``position="last"`` that last MLP runs on the last token of each prompt only.
+- **Shared prefix** (``prefix_reuse=True``): the tokens every prompt of a call starts with (the
+  chat template's system turn, e.g. Qwen's default system prompt, and the user header: 24 of
+  Qwen's ~59 tokens per MultiJail prompt) are forwarded once; every batch continues from their
+  KV cache (``position="mean"`` adds the prefix tokens' sums). Off where the model has
+  sliding-window layers shorter than the prompts.
+- **Length batching**: prompts are sorted by length and a batch closes early when the next one
+  is much shorter (:data:`LENGTH_RATIO`), so little padding is forwarded; pass 2 batches the
+  prompts of all languages together.
+- **One forward per prompt**: :func:`collect_parallel_stats` gives pass 1 and pass 2 of the
+  parallel harmful prompts from the same forwards (below).
 
 Streaming
 ---------
@@ -36,25 +53,40 @@ all layers are updated with a handful of kernels per batch. ``XᵀX`` goes throu
 batches).
 
 Pass 2, :func:`collect_target_stats` (neuron sets S known) -> ``{layer: CovStats}``: harmful
-prompts are forwarded by id chunks, the anchor language (English) first, then every other
-language for the same ids; per language it accumulates ``XᵀX``, ``Xᵀ Y_anchor[:, S]`` (rows
-aligned by id: ``x`` of the prompt in that language, ``y`` the anchor's pre-activations at S),
-``Σx``, ``ΣY[:, S]``, ``ΣY[:, S]²`` and the row count. The covariances go through
-:func:`edit_runtime.ops.masked_cov_` (Triton on CUDA, torch elsewhere). The caller may patch
-the model (earlier layers' edits) before pass 2.
+prompts are forwarded by chunks of ``chunk_size`` ids, the anchor language (English) first
+(its pre-activations are kept for the chunk), then every other language's prompts of those ids,
+sorted by length and batched across languages; per language it accumulates ``XᵀX``,
+``Xᵀ Y_anchor[:, S]`` (rows aligned by id: ``x`` of the prompt in that language, ``y`` the
+anchor's pre-activations at S), ``Σx``, ``ΣY[:, S]``, ``ΣY[:, S]²`` and the row count. The
+covariances go through :func:`edit_runtime.ops.masked_cov_` (Triton on CUDA, torch elsewhere;
+rows buffered per language, fp32 partials into the float64 sums). The caller may patch the model
+(earlier layers' edits) before pass 2.
+
+Single pass, :func:`collect_parallel_stats` -> ``({layer: NeuronStats}, {layer: CovStats})``:
+pass 1 needs no S, pass 2 needs S, but the sums pass 2 keeps are linear in the columns of Y, so
+keeping **every** column (the full ``X_langᵀ Y_anchor`` ``(d_model, d_ff)`` per language,
+:func:`full_xty_bytes`: 314 MB for Qwen2.5-0.5B and 9 languages) and slicing it to S afterwards
+(:meth:`CovStats.select_neurons`) gives pass 2's statistics from pass 1's forwards. The same
+forwards give every language's pass-1 statistics. Still streamed (constant in the number of
+prompts), cached and mergeable. :func:`edit_runtime.fit.fit` uses it for the layers no earlier
+edit changes, while the full matrix fits ``FitConfig.one_pass_max_bytes``; above that (large
+``d_model``) and for the later layers of a joint edit it runs pass 2 with the masked kernel.
 
 Caching
 -------
 With ``cache_dir`` each result is stored as ``<name>.safetensors`` (tensors) plus a ``<name>.json``
-sidecar (what it is, and the full cache key). Pass 1 writes one file per (layer, group) right after
-the group is done, so an interrupted run resumes at the first unfinished group and a run asking
-for more layers only computes the new ones. The key hashes: :func:`model_fingerprint` (config
-shapes and an exact integer checksum of every weight and buffer: another model, dtype or merged
-edit never hits), :func:`patch_fingerprint` (what runtime wrappers such as an active
-``patch_model`` add), the layer, the position, the token ids of the group's rendered prompts
-(covering text, chat template, system prompt and tokenizer), the statistics dtype and the
-covariance flag. A corrupt or unreadable file is ignored and recomputed. Pass 2 writes one file per layer, its key adds the neuron set, ``proj`` and the
-anchor language.
+sidecar (what it is, :data:`FORMAT_VERSION`, and the full cache key). Pass 1 writes one file per
+(layer, group) right after the group is done, so an interrupted run resumes at the first
+unfinished group and a run asking for more layers only computes the new ones. The key hashes:
+:data:`FORMAT_VERSION` (files of another version are neither found nor loaded),
+:func:`model_fingerprint` (config shapes and an exact integer checksum of every weight and
+buffer: another model, dtype or merged edit never hits), :func:`patch_fingerprint` (what runtime
+wrappers such as an active ``patch_model`` add), the layer, the position, the token ids of the
+group's rendered prompts (covering text, chat template, system prompt and tokenizer), the
+statistics dtype and the covariance flag. A corrupt or unreadable file is ignored and recomputed.
+Pass 2 writes one file per layer, its key adds the neuron set, ``proj`` and the anchor language;
+the single pass writes a pair per layer (``par-*`` and ``parcov-*``), keyed like pass 2 with
+"all" neurons.
 
 Shards on several machines
 --------------------------
@@ -78,11 +110,14 @@ stats; one process merges::
                                     for r in range(world)]) for l in layers}
 
 (``accelerate``: ``PartialState().process_index`` / ``num_processes`` give rank and world.) The
+single pass shards the same way by id: ``{lang: aligned[lang][rank::world]}`` with
+``aligned = align_parallel(prompts)``; both of its results merge by addition. The
 merged statistics equal one pass over all prompts up to float rounding (tested). No collective
 communication is needed; ranks may be separate jobs on separate machines.
 
 Public API: :class:`NeuronStats`, :class:`CovStats`, :func:`collect_neuron_stats`,
-:func:`collect_target_stats`, :func:`merge_stats`, :func:`group_prompts`,
+:func:`collect_target_stats`, :func:`collect_parallel_stats`, :func:`full_xty_bytes`,
+:func:`merge_stats`, :func:`group_prompts`,
 :func:`align_parallel`, :func:`encode_prompts`, :func:`model_fingerprint`,
 :func:`patch_fingerprint`, :data:`POSITIONS`.
 """
@@ -117,6 +152,11 @@ __all__ = [
     "CovStats",
     "collect_neuron_stats",
     "collect_target_stats",
+    "collect_parallel_stats",
+    "full_xty_bytes",
+    "ALL_NEURONS",
+    "LENGTH_RATIO",
+    "FORMAT_VERSION",
     "merge_stats",
     "group_prompts",
     "align_parallel",
@@ -131,7 +171,10 @@ ACTIVATIONS = ("up", "gate", "h")
 PROJS = ("up", "gate", "both")
 STATS_FORMAT = "edit_runtime.neuron_stats"
 COV_FORMAT = "edit_runtime.cov_stats"
-FORMAT_VERSION = 1
+PARALLEL_FORMAT = "edit_runtime.parallel_stats"
+#: bumped whenever what a statistics file means changes: part of every cache key, checked on load
+#: (2: shared-prefix reuse, last-layer MLP on the last token, single-pass full XᵀY)
+FORMAT_VERSION = 2
 
 GroupKey = tuple[str, str]  # (lang, label)
 Text = str | Prompt
@@ -514,6 +557,29 @@ class CovStats:
     def _tensors(self) -> dict[str, torch.Tensor]:
         return {name: getattr(self, name) for name in self._NAMES}
 
+    def select_neurons(self, neurons: Any) -> "CovStats":
+        """The statistics of a subset S of :attr:`neurons`: the ``xty``/``y_sum``/``y_sumsq``
+        columns of S (for every target projection), ``xtx``/``x_sum``/``count`` unchanged. Slicing
+        the full ``XᵀY`` of :func:`collect_parallel_stats` to the safety neurons gives what
+        :func:`collect_target_stats` with S accumulates (the same sums)."""
+        S = torch.unique(torch.as_tensor(neurons, dtype=torch.long).reshape(-1).cpu())
+        have = self.neurons.cpu().to(torch.long)
+        if S.numel() == 0:
+            raise ValueError(f"layer {self.layer}: the neuron set is empty")
+        pos = torch.searchsorted(have, S).clamp_max(have.numel() - 1)
+        if not torch.equal(have[pos], S):
+            missing = S[have[pos] != S]
+            raise ValueError(f"layer {self.layer}: neurons {missing[:8].tolist()} are not among the "
+                             f"{have.numel()} neurons these statistics hold")
+        m = have.numel()
+        n_proj = 2 if self.proj == "both" else 1
+        cols = torch.cat([pos + j * m for j in range(n_proj)]).to(self.xty.device)
+        return CovStats(layer=self.layer, neurons=S, proj=self.proj, anchor_lang=self.anchor_lang,
+                        langs=list(self.langs), count=self.count.clone(), xtx=self.xtx.clone(),
+                        xty=self.xty.index_select(2, cols), x_sum=self.x_sum.clone(),
+                        y_sum=self.y_sum.index_select(1, cols),
+                        y_sumsq=self.y_sumsq.index_select(1, cols), meta=dict(self.meta))
+
     @classmethod
     def merge(cls, parts: Sequence["CovStats"], *, strict: bool = True) -> "CovStats":
         """Sum of statistics; languages in several parts add up, the others are concatenated."""
@@ -647,16 +713,26 @@ def _token_hash(*parts: Any) -> str:
 
 @dataclass
 class _Batch:
+    """One padded batch of token sequences, optionally continuing a shared prefix of P tokens
+    held in a KV cache (:class:`_Prefix`): then ``input_ids`` are only the tokens after it."""
+
     input_ids: torch.Tensor       # (B, T) int64
-    attention_mask: torch.Tensor  # (B, T) int64, 1 = real token
-    position_ids: torch.Tensor    # (B, T) int64, cumsum(mask) - 1 (0 on padding)
-    last_idx: torch.Tensor        # (B,) index of the last real token
-    mean_w: torch.Tensor          # (B, T) fp32, mask / number of real tokens
+    attention_mask: torch.Tensor  # (B, P + T) int64, 1 = real token (the P prefix tokens are real)
+    position_ids: torch.Tensor    # (B, T) int64, P + cumsum(mask) - 1 (clamped on padding)
+    last_idx: torch.Tensor        # (B,) index of the last real token in T
+    mean_w: torch.Tensor          # (B, T) fp32, mask / (P + number of real tokens)
     flat_last: torch.Tensor       # (B,) row of the last real token in the (B*T, D) flattening
+    prefix_w: torch.Tensor | None = None  # (B,) fp32, 1 / (P + real tokens): weight of prefix sums
+    prefix_len: int = 0           # P
 
     @property
     def size(self) -> int:
         return int(self.input_ids.shape[0])
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens the forward computes (padding included, the cached prefix excluded)."""
+        return int(self.input_ids.numel())
 
 
 def _pad_id(tokenizer: Any) -> int:
@@ -670,7 +746,10 @@ def _pad_id(tokenizer: Any) -> int:
 
 
 def _make_batch(seqs: Sequence[Sequence[int]], *, pad_id: int, side: str,
-                device: torch.device) -> _Batch:
+                device: torch.device, prefix_len: int = 0) -> _Batch:
+    """Pads ``seqs`` on ``side``. With ``prefix_len`` P > 0 the sequences are the tokens after a
+    shared P-token prefix that the forward reads from a KV cache: the mask covers P + T columns
+    and the positions start at P (left padding then sits between prefix and prompt, masked)."""
     if side not in ("left", "right"):
         raise ValueError(f"padding_side must be 'left' or 'right', got {side!r}")
     B, T = len(seqs), max(len(s) for s in seqs)
@@ -680,13 +759,16 @@ def _make_batch(seqs: Sequence[Sequence[int]], *, pad_id: int, side: str,
         sl = slice(T - len(s), T) if side == "left" else slice(0, len(s))
         ids[i, sl] = torch.as_tensor(list(s), dtype=torch.long)
         mask[i, sl] = 1
-    pos = (mask.cumsum(1) - 1).clamp_min(0)
+    pos = (mask.cumsum(1) - 1).clamp_min(0) + prefix_len
     lengths = mask.sum(1)
     last = torch.full((B,), T - 1, dtype=torch.long) if side == "left" else lengths - 1
-    mean_w = mask.float() / lengths[:, None].float()
+    n_real = (lengths + prefix_len).float()
+    mean_w = mask.float() / n_real[:, None]
     flat_last = torch.arange(B) * T + last
-    return _Batch(ids.to(device), mask.to(device), pos.to(device), last.to(device),
-                  mean_w.to(device), flat_last.to(device))
+    full_mask = torch.cat([torch.ones((B, prefix_len), dtype=torch.long), mask], 1) if prefix_len else mask
+    return _Batch(ids.to(device), full_mask.to(device), pos.to(device), last.to(device),
+                  mean_w.to(device), flat_last.to(device),
+                  (1.0 / n_real).to(device) if prefix_len else None, int(prefix_len))
 
 
 def _input_device(model: nn.Module) -> torch.device:
@@ -716,8 +798,9 @@ def _state_key(model: nn.Module) -> tuple:
 
 def model_fingerprint(model: nn.Module) -> str:
     """sha256 hex of the config's shape fields and of every parameter and persistent buffer:
-    name, shape, dtype and an exact integer checksum of its bits (the int64 sum of the values
-    viewed as integers, order-independent, so identical on any device) plus 16 probe values.
+    name, shape, dtype and an exact integer checksum of its bits (the wrapping int64 sum of its
+    bytes read as 8-byte words, order-independent, so identical on any device; a tied weight is
+    read once) plus 16 probe values.
     Another model, another dtype or an in-place (merged) edit changes it; runtime wrappers
     (unmerged patches) keep the unpatched ``state_dict`` and are covered by
     :func:`patch_fingerprint`. Cost: one reduction per tensor on its device, one host transfer."""
@@ -730,6 +813,19 @@ def model_fingerprint(model: nn.Module) -> str:
     return fingerprint
 
 
+def _int_sum(flat: torch.Tensor) -> torch.Tensor:
+    """Order-independent exact checksum of a flat integer view: the sum of its bytes taken as
+    int64 words (wrapping), 20x faster than widening every element; the sum of the widened
+    elements where the bytes do not split into aligned words."""
+    nbytes = flat.numel() * flat.element_size()
+    if nbytes % 8 == 0 and flat.data_ptr() % 8 == 0:
+        try:
+            return flat.view(torch.uint8).view(torch.int64).sum()
+        except RuntimeError:
+            pass
+    return flat.sum(dtype=torch.int64)
+
+
 def _model_fingerprint(model: nn.Module) -> str:
     # (documented on model_fingerprint)
     config = getattr(model, "config", None)
@@ -739,6 +835,7 @@ def _model_fingerprint(model: nn.Module) -> str:
             "num_attention_heads", "num_key_value_heads", "head_dim", "vocab_size", "hidden_act")
     cfg = {k: str(getattr(config, k, None)) for k in keys} if config is not None else {}
     descr, sums = [], []
+    done: dict[tuple, torch.Tensor] = {}  # tied weights (embedding = LM head) are summed once
     with torch.no_grad():
         for name, t in model.state_dict(keep_vars=True).items():
             t = t.detach()
@@ -746,10 +843,13 @@ def _model_fingerprint(model: nn.Module) -> str:
                 continue
             if t.dtype == torch.bool:
                 t = t.to(torch.uint8)
-            flat = t.contiguous().reshape(-1).view(_INT_VIEW.get(t.element_size(), torch.uint8))
-            n = flat.numel()
-            probes = flat[torch.arange(16, device=flat.device, dtype=torch.int64) * (n - 1) // 15]
-            sums.append(torch.cat([flat.sum(dtype=torch.int64).reshape(1), probes.to(torch.int64)]))
+            key = (t.data_ptr(), t.dtype, tuple(t.shape), tuple(t.stride()), str(t.device))
+            if key not in done:
+                flat = t.contiguous().reshape(-1).view(_INT_VIEW.get(t.element_size(), torch.uint8))
+                n = flat.numel()
+                probes = flat[torch.arange(16, device=flat.device, dtype=torch.int64) * (n - 1) // 15]
+                done[key] = torch.cat([_int_sum(flat).reshape(1), probes.to(torch.int64)])
+            sums.append(done[key])
             descr.append([name, list(t.shape), str(t.dtype)])
     h = hashlib.sha256(json.dumps([cfg, descr], separators=(",", ":")).encode())
     for s in sums:
@@ -839,11 +939,20 @@ class _Recorder:
     activations ``acts``, in that order), so a hook is one kernel and the statistics update
     touches all layers with a few kernels. ``position="last"`` keeps the model's dtype (a row
     selection is exact); ``"mean"`` averages in fp32. ``slot[layer]`` is the layer's index in L.
+
+    With ``early_stop`` and ``position="last"`` the MLP of the last recorded layer runs on the
+    last token of each prompt only (its pre-hook hands the MLP ``x[:, last]`` of shape
+    ``(B, 1, d_model)``): the forward stops right after it, so nothing else reads the MLP's
+    other rows, and the MLP is position-wise, so the recorded rows are the same.
+
+    With ``prefix`` (a :class:`_Prefix`), batches made with ``prefix_len=P`` continue the shared
+    prefix from its KV cache; for ``position="mean"`` the prefix's sums are added to each mean.
     """
 
     def __init__(self, model: nn.Module, layers: Sequence[int], *, position: str,
                  acts: Sequence[str], early_stop: bool = True,
-                 parts: Mapping[int, _LayerParts] | None = None):
+                 parts: Mapping[int, _LayerParts] | None = None, prefix: "_Prefix | None" = None,
+                 slice_last: bool = True):
         if position not in POSITIONS:
             raise ValueError(f"position must be one of {POSITIONS}, got {position!r}")
         self.model = model
@@ -863,14 +972,30 @@ class _Recorder:
         w = _base_weight(self.parts[self.layers[0]].down)
         self.device = w.device
         self.dtype = w.dtype if position == "last" and w.is_floating_point() else torch.float32
+        self.slice_slot = len(self.layers) - 1 if (slice_last and early_stop and position == "last") else -1
+        self.prefix = prefix
+        self._px: torch.Tensor | None = None    # (L, d_model) fp32 prefix sums of x ("mean")
+        self._pa: torch.Tensor | None = None    # (L, n_acts, d_ff) fp32 prefix sums of the acts
+        if prefix is not None:
+            missing = [l for l in self.layers if l not in prefix.sums]
+            if missing or (early_stop and prefix.num_layers <= self.layers[-1]):
+                raise ValueError(f"the shared prefix was computed for layers {sorted(prefix.sums)} "
+                                 f"(KV of {prefix.num_layers} layers), not for {self.layers}")
+            if position == "mean":
+                self._px = torch.stack([prefix.sums[l]["x"] for l in self.layers]).to(self.device)
+                self._pa = torch.stack([torch.stack([prefix.sums[l][a] for a in self.acts])
+                                        for l in self.layers]).to(self.device)
         self.X: torch.Tensor | None = None
         self.A: torch.Tensor | None = None
         self._B = self._T = 0
         self._idx: torch.Tensor | None = None   # (B,) rows of the last tokens in (B*T, D)
         self._w: torch.Tensor | None = None     # (B, 1, T) fp32 mean weights
+        self._pw: torch.Tensor | None = None    # (B, 1) fp32 weights of the prefix sums
         self._fired = 0
         self._expected = 0
         self._handles: list[Any] = []
+        self.batches = 0
+        self.tokens = 0  # tokens forwarded (padding included, the cached prefix excluded)
 
     def __enter__(self) -> "_Recorder":
         per_layer = 1
@@ -900,30 +1025,45 @@ class _Recorder:
         self._handles.clear()
 
     # -- reduction over tokens -------------------------------------------------------------------
-    def _put(self, dst: torch.Tensor, t: torch.Tensor) -> None:
-        """dst (B, D) <- the last real token's row of t (B, T, D), or the mean over real tokens."""
+    def _put(self, dst: torch.Tensor, t: torch.Tensor, prefix_sum: torch.Tensor | None = None) -> None:
+        """dst (B, D) <- the last real token's row of t (B, T, D), or the mean over real tokens
+        (plus the shared prefix's sum ``prefix_sum`` (D,), weighted by 1 / (P + length))."""
         if self.position == "last":
-            t2 = t.reshape(self._B * self._T, t.shape[-1])
-            if t2.dtype == dst.dtype and t2.device == dst.device:
+            t2 = t.reshape(-1, t.shape[-1])
+            if t2.shape[0] == self._B:  # one row per prompt already (T = 1, or the sliced MLP)
+                dst.copy_(t2)
+            elif t2.dtype == dst.dtype and t2.device == dst.device:
                 torch.index_select(t2, 0, self._idx, out=dst)
             else:
                 dst.copy_(t2.index_select(0, self._idx.to(t2.device)))
             return
         t3 = t.reshape(self._B, self._T, t.shape[-1]).float()
-        dst.copy_(torch.bmm(self._w.to(t3.device), t3).squeeze(1))
+        v = torch.bmm(self._w.to(t3.device), t3).squeeze(1)
+        if prefix_sum is not None and self._pw is not None:
+            v.addcmul_(self._pw.to(v.device), prefix_sum.to(v.device)[None, :])
+        dst.copy_(v)
 
     def _pre_mlp(self, i: int):
         def hook(module, args, kwargs):
             x = args[0] if args else next(iter(kwargs.values()))
-            self._put(self.X[i], x)
             self._fired += 1
+            if i == self.slice_slot and x.dim() == 3 and x.shape[1] > 1:
+                xs = x.reshape(-1, x.shape[-1]).index_select(0, self._idx.to(x.device)).unsqueeze(1)
+                self._put(self.X[i], xs)
+                if args:
+                    return (xs, *args[1:]), kwargs
+                kwargs = dict(kwargs)
+                kwargs[next(iter(kwargs))] = xs
+                return args, kwargs
+            self._put(self.X[i], x, None if self._px is None else self._px[i])
+            return None
         return hook
 
     def _out(self, i: int, name: str):
         k = self.act_index[name]
 
         def hook(module, args, output):
-            self._put(self.A[i, k], output)
+            self._put(self.A[i, k], output, None if self._pa is None else self._pa[i, k])
             self._fired += 1
         return hook
 
@@ -933,7 +1073,9 @@ class _Recorder:
         def hook(module, args, output):  # output (..., 2 d_ff) = [gate; up]
             for name, lo in (("gate", 0), ("up", f)):
                 if name in self.act_index:
-                    self._put(self.A[i, self.act_index[name]], output[..., lo:lo + f])
+                    k = self.act_index[name]
+                    self._put(self.A[i, k], output[..., lo:lo + f],
+                              None if self._pa is None else self._pa[i, k])
             self._fired += 1
         return hook
 
@@ -941,7 +1083,7 @@ class _Recorder:
         k = self.act_index["h"]
 
         def hook(module, args):
-            self._put(self.A[i, k], args[0])
+            self._put(self.A[i, k], args[0], None if self._pa is None else self._pa[i, k])
             self._fired += 1
         return hook
 
@@ -949,19 +1091,31 @@ class _Recorder:
         raise _StopForward
 
     # -- one batch ------------------------------------------------------------------------------
-    def run(self, batch: _Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    def run(self, batch: _Batch, *, cache: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Forwards ``batch``; returns ``X (L, B, d_model)`` and ``A (L, n_acts, B, d_ff)`` in
-        :attr:`dtype` (fresh buffers per call)."""
+        :attr:`dtype` (fresh buffers per call). A batch with ``prefix_len`` P continues
+        :attr:`prefix`; ``cache`` (a fresh transformers cache, no prefix) is filled instead."""
         L, (B, T) = len(self.layers), batch.input_ids.shape
         self.X = torch.empty((L, B, self.d_model), dtype=self.dtype, device=self.device)
         self.A = torch.empty((L, len(self.acts), B, self.d_ff), dtype=self.dtype, device=self.device)
         self._B, self._T, self._fired = B, T, 0
+        self.batches += 1
+        self.tokens += batch.num_tokens
         self._idx = batch.flat_last.to(self.device)
         self._w = batch.mean_w.to(self.device)[:, None, :]
+        self._pw = None if batch.prefix_w is None else batch.prefix_w.to(self.device)[:, None]
+        kw: dict[str, Any] = {"use_cache": False}
+        if batch.prefix_len:
+            if self.prefix is None or self.prefix.length != batch.prefix_len:
+                raise RuntimeError(f"batch continues a {batch.prefix_len}-token prefix the recorder "
+                                   "does not hold")
+            kw = {self.prefix.cache_kwarg: self.prefix.make_cache(self.model, B), "use_cache": True}
+        elif cache is not None:
+            kw = {_cache_kwarg(self.model) or "past_key_values": cache, "use_cache": True}
         try:
             with torch.no_grad():
                 self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                           position_ids=batch.position_ids, use_cache=False)
+                           position_ids=batch.position_ids, **kw)
         except _StopForward:
             pass
         if self._fired != self._expected:
@@ -972,10 +1126,169 @@ class _Recorder:
         return X, A
 
 
+# --------------------------------------------------------------------------------------------
+# shared prefix (the chat template's system turn): forwarded once, reused from its KV cache
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class _Prefix:
+    """The token prefix every prompt of a capture shares (with a chat template: the system turn,
+    Qwen's default one included, and the user header), forwarded once.
+
+    ``kv[i]`` = ``(keys, values)`` ``(1, n_kv_heads, P, head_dim)`` of decoder layer i (the first
+    :attr:`num_layers` layers: up to the last recorded one with early stop); ``sums[layer]`` =
+    ``{"x": (d_model,), act: (d_ff,)}`` fp32 sums over the P prefix tokens (``position="mean"``
+    counts the prefix tokens as prompt tokens, as a plain forward does)."""
+
+    ids: list[int]
+    kv: list[tuple[torch.Tensor, torch.Tensor]]
+    sums: dict[int, dict[str, torch.Tensor]]
+    cache_kwarg: str
+
+    @property
+    def length(self) -> int:
+        return len(self.ids)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.kv)
+
+    def make_cache(self, model: nn.Module, batch_size: int) -> Any:
+        """A fresh transformers ``DynamicCache`` holding the prefix for ``batch_size`` rows."""
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=model.config)
+        for i, (k, v) in enumerate(self.kv):
+            cache.update(k.expand(batch_size, -1, -1, -1), v.expand(batch_size, -1, -1, -1), i)
+        return cache
+
+
+def _cache_kwarg(model: nn.Module) -> str | None:
+    """Name of the forward's KV-cache argument (transformers 5 renames ``past_key_values``)."""
+    import inspect
+
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return None
+    for name in ("cache", "past_key_values"):
+        if name in params:
+            return name
+    return None
+
+
+def _shared_prefix_len(seqs: Sequence[Sequence[int]]) -> int:
+    """Length of the longest common token prefix of ``seqs``, at most ``min(len) - 1`` (every
+    prompt keeps at least its last token to forward)."""
+    if len(seqs) < 2:
+        return 0
+    first, n = seqs[0], min(len(s) for s in seqs) - 1
+    for s in seqs[1:]:
+        k = 0
+        while k < n and s[k] == first[k]:
+            k += 1
+        n = k
+        if n == 0:
+            break
+    return max(n, 0)
+
+
+def _prefix_unsupported(model: nn.Module, total_len: int) -> str | None:
+    """Why prefix reuse cannot run on ``model`` (None: it can)."""
+    if _cache_kwarg(model) is None:
+        return "the model's forward takes no KV cache"
+    try:
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=model.config)
+    except Exception as exc:  # noqa: BLE001 - any model without a transformers cache
+        return f"no transformers DynamicCache for this model ({exc})"
+    layers = getattr(cache, "layers", None)
+    if layers is None:
+        return "this transformers version's cache has no per-layer storage"
+    if any(getattr(layer, "is_sliding", False) for layer in layers):
+        config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        window = getattr(config, "sliding_window", None)
+        if window is None or total_len > int(window):
+            return f"sliding-window layers (window {window}) shorter than the prompts ({total_len})"
+    return None
+
+
+def _compute_prefix(model: nn.Module, ids: Sequence[int], layers: Sequence[int], *,
+                    parts: Mapping[int, _LayerParts], acts: Sequence[str], early_stop: bool,
+                    device: torch.device) -> _Prefix:
+    """Forwards the shared prefix once (hooks on ``layers`` give its per-token sums)."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    batch = _make_batch([list(ids)], pad_id=0, side="right", device=device)
+    with _Recorder(model, layers, position="mean", acts=acts, early_stop=early_stop,
+                   parts=parts) as rec:
+        X, A = rec.run(batch, cache=cache)
+    P = len(ids)
+    kv = []
+    for layer in cache.layers:
+        if not getattr(layer, "is_initialized", False) or layer.keys is None or layer.keys.numel() == 0:
+            break
+        kv.append((layer.keys.detach(), layer.values.detach()))
+    sums = {l: {"x": X[rec.slot[l], 0].float() * P,
+                **{a: A[rec.slot[l], k, 0].float() * P for k, a in enumerate(rec.acts)}}
+            for l in rec.layers}
+    return _Prefix(ids=list(ids), kv=kv, sums=sums, cache_kwarg=_cache_kwarg(model) or "past_key_values")
+
+
+def _plan_prefix(model: nn.Module, seqs: Sequence[Sequence[int]], enabled: bool) -> int:
+    """P, the number of shared leading tokens to forward once (0: no reuse)."""
+    if not enabled or len(seqs) < 2:
+        return 0
+    P = _shared_prefix_len(seqs)
+    if P == 0:
+        return 0
+    why = _prefix_unsupported(model, max(len(s) for s in seqs))
+    if why:
+        log.info("shared prefix of %d tokens not reused: %s", P, why)
+        return 0
+    return P
+
+
 def _batches(n: int, batch_size: int) -> list[list[int]]:
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     return [list(range(i, min(i + batch_size, n))) for i in range(0, n, batch_size)]
+
+
+#: length-sorted batching closes a batch early when the next prompt is shorter than this share of
+#: the batch's longest prompt: the long tail (Bengali MultiJail prompts run to 1000 tokens) gets
+#: small batches instead of padding. On the MultiJail fit (train split, 9 languages) 0.85 cuts the
+#: forwarded tokens from 62.8k to 57.0k (real: 55.8k).
+LENGTH_RATIO = 0.85
+
+#: a batch of short prompts takes more than ``batch_size`` prompts, up to ``4 * batch_size``,
+#: until it holds this many tokens: after the shared prefix a MultiJail prompt is ~25 tokens,
+#: and 8 of them make GEMMs too small for the CPU (8 -> ~20 prompts: 10 % more tokens per
+#: second on the 2-core machine; the statistics do not depend on the batching).
+BATCH_TOKENS = 512
+
+
+def _length_batches(lengths: Sequence[int], batch_size: int, ratio: float = LENGTH_RATIO,
+                    min_tokens: int = BATCH_TOKENS) -> list[list[int]]:
+    """Indices of ``lengths`` in batches, longest first (stable). A batch closes when the next
+    length is below ``ratio`` times the batch's first (longest), or once it has ``batch_size``
+    prompts and ``min_tokens`` padded tokens, or at ``4 * batch_size`` prompts."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    out: list[list[int]] = []
+    for i in order:
+        if out:
+            b = out[-1]
+            full = len(b) >= 4 * batch_size or (
+                len(b) >= batch_size and len(b) * lengths[b[0]] >= min_tokens)
+            if not full and lengths[i] >= ratio * lengths[b[0]]:
+                b.append(i)
+                continue
+        out.append([i])
+    return out
 
 
 def _cov_update(xtx: torch.Tensor, xty: torch.Tensor, X: torch.Tensor, Y: torch.Tensor,
@@ -985,6 +1298,10 @@ def _cov_update(xtx: torch.Tensor, xty: torch.Tensor, X: torch.Tensor, Y: torch.
     masked_cov_ accumulates in fp32; float64 running sums get each batch through an fp32
     scratch that is then added in float64 (fp32 error only within one batch of rows).
     """
+    if X.dtype == torch.float64:  # a float64 model (reference runs): no fp32 step at all
+        xtx.addmm_(X.T.to(xtx.dtype), X.to(xtx.dtype))
+        xty.addmm_(X.T.to(xty.dtype), Y.index_select(1, cols).to(xty.dtype))
+        return
     if xtx.dtype == torch.float32 and xty.dtype == torch.float32:
         masked_cov_(xtx, xty, X, Y, cols, None)
         return
@@ -1065,7 +1382,10 @@ class _GroupAccum:
         self.x_sum += X.sum(1, dtype=dt)
         if self._part is not None:
             for i, j in self.cov_slots.items():
-                masked_cov_(self._part[j], self._no_y, X[i], X[i], self._no_cols, None)
+                if X.dtype == torch.float64:  # a float64 model: straight into the sums
+                    self.xtx[j].addmm_(X[i].T.to(dt), X[i].to(dt))
+                else:
+                    masked_cov_(self._part[j], self._no_y, X[i], X[i], self._no_cols, None)
             self._pending += 1
             if self._pending >= _FLUSH_EVERY:
                 self.flush()
@@ -1117,6 +1437,7 @@ def collect_neuron_stats(
     stat_dtype: torch.dtype = torch.float64,
     early_stop: bool = True,
     sort_by_length: bool = True,
+    prefix_reuse: bool = True,
     progress: bool = True,
 ) -> dict[int, NeuronStats]:
     """Pass 1: streamed per-neuron statistics and ``XᵀX`` per ``(lang, label)`` for ``layers``.
@@ -1138,6 +1459,10 @@ def collect_neuron_stats(
         stat_dtype: dtype of the running sums (float64 default).
         early_stop: stop the forward after the last needed layer's MLP.
         sort_by_length: batch prompts of similar length together (less padding; same result).
+        prefix_reuse: forward the token prefix all prompts share (the chat template's system
+            turn and user header) once and continue every batch from its KV cache (same
+            statistics up to fp32 rounding; skipped where the model cannot, e.g. sliding-window
+            layers shorter than the prompts).
         progress: show tqdm progress bars.
 
     Returns:
@@ -1176,10 +1501,10 @@ def collect_neuron_stats(
     out = {l: _empty_stats(G, parts[l].d_model, parts[l].d_ff, l in cov_layers, stat_dtype)
            for l in layers}
 
-    for g, (lang, label) in enumerate(tqdm(keys_g, desc="capture groups", disable=not progress,
-                                           leave=False)):
-        texts = groups_n[(lang, label)]
-        seqs = encode_prompts(tokenizer, texts, system_prompt=system_prompt,
+    # Encode every group and look up the cache first, so that the shared prefix is known.
+    plan = []  # (g, lang, label, seqs, data_hash, keys, paths, todo)
+    for g, (lang, label) in enumerate(keys_g):
+        seqs = encode_prompts(tokenizer, groups_n[(lang, label)], system_prompt=system_prompt,
                               chat_template=chat_template, max_length=max_length)
         data_hash = _token_hash(seqs)
         keys = {l: _token_hash(STATS_FORMAT, FORMAT_VERSION, meta[l], l, lang, label, data_hash)
@@ -1198,22 +1523,30 @@ def collect_neuron_stats(
                 except (OSError, ValueError, KeyError, RuntimeError) as exc:
                     log.warning("ignoring unreadable cache file %s (%s)", paths[l], exc)
             todo.append(l)
-        if not todo:
-            continue
+        plan.append((g, lang, label, seqs, data_hash, keys, paths, todo))
 
-        order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i])) if sort_by_length \
-            else list(range(len(seqs)))
-        with _Recorder(model, todo, position=position, acts=ACTIVATIONS,
-                       early_stop=early_stop, parts=parts) as rec:
+    busy = [e for e in plan if e[7]]
+    all_todo = sorted({l for e in busy for l in e[7]})
+    P = _plan_prefix(model, [s for e in busy for s in e[3]], prefix_reuse and bool(busy))
+    prefix = (_compute_prefix(model, busy[0][3][0][:P], all_todo, parts=parts, acts=ACTIVATIONS,
+                              early_stop=early_stop, device=device) if P else None)
+    for g, lang, label, seqs, data_hash, keys, paths, todo in tqdm(
+            busy, desc="capture groups", disable=not progress, leave=False):
+        batches = (_length_batches([len(s) for s in seqs], batch_size) if sort_by_length
+                   else _batches(len(seqs), batch_size))
+        with _Recorder(model, todo, position=position, acts=ACTIVATIONS, early_stop=early_stop,
+                       parts=parts, prefix=prefix) as rec:
             acc = _GroupAccum(len(todo), rec.d_model, rec.d_ff, dtype=stat_dtype, device=rec.device,
                               cov_slots=[rec.slot[l] for l in todo if l in cov_layers])
-            for idx in tqdm(_batches(len(order), batch_size), desc=f"capture {lang}/{label}",
-                            disable=not progress, leave=False):
-                batch = _make_batch([seqs[order[i]] for i in idx], pad_id=pad_id, side=side,
-                                    device=device)
+            for idx in tqdm(batches, desc=f"capture {lang}/{label}", disable=not progress,
+                            leave=False):
+                batch = _make_batch([seqs[i][P:] for i in idx], pad_id=pad_id, side=side,
+                                    device=device, prefix_len=P)
                 acc.add(*rec.run(batch))
             for l in todo:
                 acc.export(out[l], rec.slot[l], g)
+            log.info("capture %s/%s: %d prompts in %d forwards, %d tokens forwarded (shared prefix "
+                     "of %d tokens forwarded once)", lang, label, len(seqs), rec.batches, rec.tokens, P)
         if cache:
             for l in todo:
                 one = {name: t[g:g + 1] for name, t in out[l].items()}
@@ -1226,8 +1559,15 @@ def collect_neuron_stats(
 
 
 # --------------------------------------------------------------------------------------------
-# pass 2
+# pass 2 and the single pass: harmful prompts parallel by id
 # --------------------------------------------------------------------------------------------
+
+#: ``neurons`` value meaning "every neuron": the full ``Xᵀ Y`` ``(d_model, d_ff)`` is kept
+ALL_NEURONS = "all"
+
+#: rows buffered per language before one covariance update (bigger GEMMs; constant memory)
+_FLUSH_ROWS = 256
+
 
 def _normalise_parallel(parallel: Mapping[str, Sequence[Text | None]] | Iterable[Prompt],
                         anchor_lang: str) -> dict[str, list[Text | None]]:
@@ -1245,8 +1585,14 @@ def _normalise_parallel(parallel: Mapping[str, Sequence[Text | None]] | Iterable
 
 
 def _check_neurons(neurons: Mapping[int, Any], d_ff: Mapping[int, int]) -> dict[int, torch.Tensor]:
+    """``{layer: sorted unique S}``; ``None`` or ``"all"`` gives every neuron ``arange(d_ff)``."""
     out = {}
     for l, s in neurons.items():
+        if s is None or (isinstance(s, str) and s == ALL_NEURONS):
+            out[int(l)] = torch.arange(d_ff[int(l)])
+            continue
+        if isinstance(s, str):
+            raise ValueError(f"layer {l}: neurons must be indices, None or {ALL_NEURONS!r}, got {s!r}")
         s = torch.as_tensor(s, dtype=torch.long).reshape(-1).cpu()
         if s.numel() == 0:
             raise ValueError(f"layer {l}: the neuron set is empty")
@@ -1256,6 +1602,199 @@ def _check_neurons(neurons: Mapping[int, Any], d_ff: Mapping[int, int]) -> dict[
                              f"[{int(s.min())}, {int(s.max())}]")
         out[int(l)] = s
     return out
+
+
+def full_xty_bytes(model: nn.Module, layer: int, n_langs: int, *, proj: str = "up",
+                   stat_dtype: torch.dtype = torch.float64) -> int:
+    """Bytes of the full ``Xᵀ Y`` of one layer (``n_langs`` languages, every neuron): what
+    :func:`collect_parallel_stats` keeps so that pass 2 is not needed. Qwen2.5-0.5B, 9 languages,
+    "up", float64: 9 · 896 · 4864 · 8 = 314 MB; Llama-3-8B: 9 · 4096 · 14336 · 8 = 4.2 GB."""
+    if proj not in PROJS:
+        raise ValueError(f"proj must be one of {PROJS}, got {proj!r}")
+    info = find_mlp(model, layer)
+    k = int(info.d_ff) * (2 if proj == "both" else 1)
+    return int(n_langs) * int(info.d_model) * k * torch.empty((), dtype=stat_dtype).element_size()
+
+
+class _ParallelAccum:
+    """Running sums of the parallel pass, per language (row order of ``langs``).
+
+    Rows of a language are its prompts whose id has an anchor prompt. Per language: the count,
+    ``Σx`` for every recorded layer; with ``neuron`` the per-neuron sums of up/gate/h (pass-1
+    statistics of the group ``(lang, label)``); ``XᵀX`` for ``cov_layers``; for the target layers
+    ``Xᵀ Y_anchor[:, cols]``, ``ΣY``, ``ΣY²``, where ``Y_anchor`` rows are taken from the chunk's
+    anchor store by id. Covariance rows are buffered per language (``_FLUSH_ROWS``) and go through
+    :func:`_cov_update` (the masked-covariance kernel, fp32 partials into ``stat_dtype``)."""
+
+    def __init__(self, rec: _Recorder, n_langs: int, *, neuron: bool, cov_layers: Sequence[int],
+                 cols: Mapping[int, torch.Tensor], dtype: torch.dtype):
+        z = lambda *shape: torch.zeros(shape, dtype=dtype, device=rec.device)  # noqa: E731
+        Lr, d, f = len(rec.layers), rec.d_model, rec.d_ff
+        self.rec, self.dtype, self.neuron = rec, dtype, neuron
+        self.count = [0] * n_langs
+        self.x_sum = z(n_langs, Lr, d)
+        if neuron:
+            self.act_sum, self.act_sumsq = z(n_langs, Lr, 3, f), z(n_langs, Lr, 3, f)
+            self.h_abssum = z(n_langs, Lr, f)
+        self.cov_layers = [l for l in rec.layers if l in set(cov_layers)]
+        self.xtx = {l: z(n_langs, d, d) for l in self.cov_layers}
+        self.cols = {l: c.to(rec.device) for l, c in cols.items()}
+        self.xty = {l: z(n_langs, d, c.numel()) for l, c in self.cols.items()}
+        self.y_sum = {l: z(n_langs, c.numel()) for l, c in self.cols.items()}
+        self.y_sumsq = {l: z(n_langs, c.numel()) for l, c in self.cols.items()}
+        self._no_y = torch.zeros((d, 0), dtype=dtype, device=rec.device)
+        self._no_cols = torch.zeros(0, dtype=torch.long, device=rec.device)
+        self._buf: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in range(n_langs)]
+        self._nbuf = [0] * n_langs
+        self.store: torch.Tensor | None = None  # (L_targets, n_chunk, k_all) anchor rows
+
+    def add(self, X: torch.Tensor, A: torch.Tensor, lang_of_row: Sequence[int],
+            pos_of_row: Sequence[int]) -> None:
+        """One batch: ``X (L, B, d)``, ``A (L, n_acts, B, d_ff)``; row b is language
+        ``lang_of_row[b]`` of the id at position ``pos_of_row[b]`` of the current chunk."""
+        lang_t = torch.as_tensor(list(lang_of_row))
+        pos_t = torch.as_tensor(list(pos_of_row), dtype=torch.long)
+        slots = [self.rec.slot[l] for l in self.cov_layers]
+        for li in torch.unique(lang_t).tolist():
+            rows = torch.nonzero(lang_t == li).flatten()
+            r = rows.to(X.device)
+            Xr = X.index_select(1, r)
+            self.count[li] += int(rows.numel())
+            self.x_sum[li] += Xr.sum(1, dtype=self.dtype)
+            if self.neuron:
+                Ar = A.index_select(2, r).to(self.dtype)
+                self.act_sum[li] += Ar.sum(2)
+                self.act_sumsq[li] += Ar.square().sum(2)
+                self.h_abssum[li] += Ar[:, self.rec.act_index["h"]].abs().sum(1)
+            if slots:
+                self._buf[li].append((Xr[slots], pos_t[rows]))
+                self._nbuf[li] += int(rows.numel())
+                if self._nbuf[li] >= _FLUSH_ROWS:
+                    self.flush(li)
+
+    def flush(self, li: int | None = None) -> None:
+        """Covariance update of the buffered rows (all languages when ``li`` is None)."""
+        if li is None:
+            for i in range(len(self._buf)):
+                self.flush(i)
+            return
+        if not self._buf[li]:
+            return
+        Xb = torch.cat([b[0] for b in self._buf[li]], 1)          # (L_cov, R, d)
+        pos = torch.cat([b[1] for b in self._buf[li]]).to(Xb.device)
+        self._buf[li], self._nbuf[li] = [], 0
+        targets = list(self.cols)
+        for c, l in enumerate(self.cov_layers):
+            X = Xb[c]
+            if l in self.cols:
+                Y = self.store[targets.index(l)].index_select(0, pos)  # (R, k_all), X's dtype
+                _cov_update(self.xtx[l][li], self.xty[l][li], X, Y, self.cols[l])
+                ys = Y.index_select(1, self.cols[l]).to(self.dtype)
+                self.y_sum[l][li] += ys.sum(0)
+                self.y_sumsq[l][li] += ys.square().sum(0)
+            else:
+                _cov_update(self.xtx[l][li], self._no_y, X, X, self._no_cols)
+
+
+def _parallel_pass(model: nn.Module, enc: Mapping[str, Sequence[list[int] | None]],
+                   langs: Sequence[str], anchor_lang: str, *, layers: Sequence[int],
+                   parts: Mapping[int, _LayerParts], targets: Mapping[int, torch.Tensor],
+                   cov_layers: Sequence[int], neuron: bool, proj: str, position: str,
+                   batch_size: int, chunk_size: int, side: str, pad_id: int,
+                   device: torch.device, stat_dtype: torch.dtype, early_stop: bool,
+                   prefix_reuse: bool, progress: bool, desc: str) -> _ParallelAccum:
+    """Forwards the parallel prompts and returns the filled accumulator.
+
+    The ids (those with an anchor prompt) are taken in chunks of ``chunk_size``. In a chunk the
+    anchor prompts are forwarded first, longest first, and their ``proj`` pre-activations (all
+    ``d_ff`` columns, model dtype, ``chunk_size · n_acts · d_ff`` values per target layer) are
+    kept as the targets; then the chunk's prompts of the other languages are pooled, sorted by
+    length and batched across languages (little padding); each row is paired with its id's
+    anchor row. Memory does not grow with the number of ids beyond one chunk."""
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    y_acts = ("up", "gate") if proj == "both" else (proj,)
+    acts = ACTIVATIONS if neuron else y_acts
+    order_langs = list(dict.fromkeys([anchor_lang, *langs]))
+    P = _plan_prefix(model, [s for lang in order_langs for s in enc[lang] if s is not None],
+                     prefix_reuse)
+    first = next(s for s in enc[anchor_lang] if s is not None)
+    prefix = (_compute_prefix(model, first[:P], layers, parts=parts, acts=acts,
+                              early_stop=early_stop, device=device) if P else None)
+    d_ff = parts[layers[0]].d_ff
+    cols = {l: torch.cat([targets[l] + j * d_ff for j in range(len(y_acts))]) for l in targets}
+    anchor_rows = [i for i, s in enumerate(enc[anchor_lang]) if s is not None]
+    n_rows = sum(1 for lang in order_langs for i in anchor_rows if enc[lang][i] is not None)
+    others = [lang for lang in langs if lang != anchor_lang]
+    li_of = {lang: i for i, lang in enumerate(langs)}
+    target_layers = list(targets)
+    with _Recorder(model, layers, position=position, acts=acts, early_stop=early_stop,
+                   parts=parts, prefix=prefix) as rec:
+        acc = _ParallelAccum(rec, len(langs), neuron=neuron, cov_layers=cov_layers, cols=cols,
+                             dtype=stat_dtype)
+        y_idx = [rec.act_index[a] for a in y_acts]
+        bar = tqdm(total=n_rows, desc=desc, disable=not progress, leave=False, unit="prompt")
+        for chunk in _batches(len(anchor_rows), chunk_size):
+            ids = [anchor_rows[j] for j in chunk]
+            acc.store = (torch.empty((len(target_layers), len(ids), len(y_acts) * d_ff),
+                                     dtype=rec.dtype, device=rec.device) if target_layers else None)
+            # anchor prompts first: their pre-activations are the targets of the chunk's ids;
+            # then every other language's prompts of the chunk, batched together by length
+            jobs = [[(li_of.get(anchor_lang, -1), p, anchor_lang) for p in range(len(ids))],
+                    [(li_of[lang], p, lang) for lang in others for p, i in enumerate(ids)
+                     if enc[lang][i] is not None]]
+            for step, job in enumerate(jobs):
+                for b in _length_batches([len(enc[lang][ids[p]]) for _, p, lang in job], batch_size):
+                    lang_rows = [job[k][0] for k in b]
+                    pos = [job[k][1] for k in b]
+                    seqs = [enc[job[k][2]][ids[job[k][1]]] for k in b]
+                    X, A = rec.run(_make_batch([s[P:] for s in seqs], pad_id=pad_id, side=side,
+                                               device=device, prefix_len=P))
+                    if step == 0 and target_layers:
+                        pt = torch.as_tensor(pos, device=rec.device)
+                        for t, l in enumerate(target_layers):
+                            Y = A[rec.slot[l]][y_idx]                      # (n_y, b, d_ff)
+                            acc.store[t].index_copy_(0, pt, Y.permute(1, 0, 2).reshape(len(pos), -1))
+                    if step == 1 or anchor_lang in li_of:
+                        acc.add(X, A, lang_rows, pos)
+                    bar.update(len(b))
+            acc.flush()
+        bar.close()
+    log.info("%s: %d prompts in %d forwards, %d tokens forwarded (padding included; shared "
+             "prefix of %d tokens forwarded once)", desc, n_rows, rec.batches, rec.tokens, P)
+    acc.store = None
+    return acc
+
+
+def _parallel_setup(model: nn.Module, tokenizer: Any, parallel: Any, anchor_lang: str,
+                    langs: Sequence[str] | None, *, system_prompt: str | None, chat_template: bool,
+                    max_length: int | None) -> tuple[list[str], dict[str, list[list[int] | None]]]:
+    par = _normalise_parallel(parallel, anchor_lang)
+    langs = list(par) if langs is None else list(dict.fromkeys(langs))
+    for lang in langs:
+        if lang not in par:
+            raise ValueError(f"language {lang!r} not in parallel data ({sorted(par)})")
+    enc: dict[str, list[list[int] | None]] = {}
+    for lang in dict.fromkeys([anchor_lang, *langs]):
+        present = [i for i, t in enumerate(par[lang]) if t is not None]
+        seqs = encode_prompts(tokenizer, [par[lang][i] for i in present],
+                              system_prompt=system_prompt, chat_template=chat_template,
+                              max_length=max_length)
+        col: list[list[int] | None] = [None] * len(par[lang])
+        for i, s in zip(present, seqs):
+            col[i] = s
+        enc[lang] = col
+    if not any(s is not None for s in enc[anchor_lang]):
+        raise ValueError("no aligned rows: every anchor prompt is missing")
+    return langs, enc
+
+
+def _cov_result(acc: _ParallelAccum, li_langs: Sequence[str], l: int, S: torch.Tensor, proj: str,
+                anchor_lang: str, meta: Mapping[str, Any]) -> CovStats:
+    return CovStats(layer=l, neurons=S.cpu(), proj=proj, anchor_lang=anchor_lang, langs=list(li_langs),
+                    count=torch.tensor(acc.count, dtype=acc.dtype), xtx=acc.xtx[l].cpu(),
+                    xty=acc.xty[l].cpu(), x_sum=acc.x_sum[:, acc.rec.slot[l]].cpu(),
+                    y_sum=acc.y_sum[l].cpu(), y_sumsq=acc.y_sumsq[l].cpu(), meta=dict(meta))
 
 
 def collect_target_stats(
@@ -1276,6 +1815,8 @@ def collect_target_stats(
     max_length: int | None = None,
     stat_dtype: torch.dtype = torch.float64,
     early_stop: bool = True,
+    prefix_reuse: bool = True,
+    chunk_size: int = 512,
     progress: bool = True,
 ) -> dict[int, CovStats]:
     """Pass 2: ``X_langᵀX_lang`` and ``X_langᵀ Y_anchor[:, S]`` per language, rows aligned by id.
@@ -1284,16 +1825,21 @@ def collect_target_stats(
         parallel: ``{lang: [text or Prompt or None, ...]}`` aligned by id (entry i of every list
             is the same prompt; ``None`` = missing translation, skipped), or a flat iterable of
             :class:`Prompt` (aligned by ``id`` with :func:`align_parallel`). Harmful prompts.
-        neurons: ``{layer: S}`` with S ``(m,)`` neuron indices (any int sequence; sorted here).
+        neurons: ``{layer: S}`` with S ``(m,)`` neuron indices (any int sequence; sorted here),
+            or ``None`` / ``"all"`` for every neuron (the full ``XᵀY``, sliced later with
+            :meth:`CovStats.select_neurons`; see :func:`full_xty_bytes`).
         anchor_lang: the language whose pre-activations at S are the targets Y.
         langs: languages to accumulate (default: every language in ``parallel``, anchor
             included, so ``X_enᵀY_en`` is there too).
         proj: "up" (targets ``up_proj`` pre-activations), "gate", or "both" (2m columns).
-        Other arguments as in :func:`collect_neuron_stats`; ``batch_size`` counts ids.
+        batch_size: prompts per forward.
+        chunk_size: ids whose anchor targets are held at once (memory: ``chunk_size`` rows of
+            ``n_acts · d_ff`` values per layer); the order of the forwards inside a chunk is free,
+            so prompts of all languages are sorted by length and batched together.
+        Other arguments as in :func:`collect_neuron_stats`.
 
-    For each chunk of ``batch_size`` ids the anchor prompts are forwarded first (their
-    ``up``/``gate`` at S kept), then each language's prompts of the same ids. Works on a model
-    patched with :func:`edit_runtime.patch_model` (statistics of the patched model).
+    Works on a model patched with :func:`edit_runtime.patch_model` (statistics of the patched
+    model): the caller patches the earlier layers' edits before a joint fit's later layers.
 
     Returns:
         ``{layer: CovStats}`` (on CPU).
@@ -1302,38 +1848,19 @@ def collect_target_stats(
         raise ValueError(f"proj must be one of {PROJS}, got {proj!r}")
     if position not in POSITIONS:
         raise ValueError(f"position must be one of {POSITIONS}, got {position!r}")
-    par = _normalise_parallel(parallel, anchor_lang)
-    langs = list(par) if langs is None else list(dict.fromkeys(langs))
-    for lang in langs:
-        if lang not in par:
-            raise ValueError(f"language {lang!r} not in parallel data ({sorted(par)})")
+    langs, enc = _parallel_setup(model, tokenizer, parallel, anchor_lang, langs,
+                                 system_prompt=system_prompt, chat_template=chat_template,
+                                 max_length=max_length)
     if not neurons:
         raise ValueError("neurons is empty: give {layer: neuron indices}")
     layers = _check_layers(model, neurons)
     parts = {l: _parts(model, l) for l in layers}
-    S = _check_neurons(neurons, {l: p.d_ff for l, p in parts.items()})
+    S = _check_neurons({int(l): s for l, s in neurons.items()}, {l: p.d_ff for l, p in parts.items()})
     side = padding_side or getattr(tokenizer, "padding_side", None) or "left"
-    device = _input_device(model)
-    pad_id = _pad_id(tokenizer)
-    fingerprint = model_fingerprint(model)
-    patched = patch_fingerprint(model)
-    acts = ("up", "gate") if proj == "both" else (proj,)
-
-    # Encode every language once (missing entries stay None).
-    enc: dict[str, list[list[int] | None]] = {}
-    for lang in dict.fromkeys([anchor_lang, *langs]):
-        present = [i for i, t in enumerate(par[lang]) if t is not None]
-        seqs = encode_prompts(tokenizer, [par[lang][i] for i in present],
-                              system_prompt=system_prompt, chat_template=chat_template,
-                              max_length=max_length)
-        col: list[list[int] | None] = [None] * len(par[lang])
-        for i, s in zip(present, seqs):
-            col[i] = s
-        enc[lang] = col
-
-    meta = {"position": position, "model_fingerprint": fingerprint, "patch_fingerprint": patched,
-            "model_dtype": _model_dtype(model), "stat_dtype": _dtype_name(stat_dtype),
-            "system_prompt": system_prompt, "chat_template": chat_template}
+    meta = {"position": position, "model_fingerprint": model_fingerprint(model),
+            "patch_fingerprint": patch_fingerprint(model), "model_dtype": _model_dtype(model),
+            "stat_dtype": _dtype_name(stat_dtype), "system_prompt": system_prompt,
+            "chat_template": chat_template}
     data_hash = _token_hash(anchor_lang, langs, [enc[lang] for lang in dict.fromkeys([anchor_lang, *langs])])
     cache = Path(cache_dir) if cache_dir is not None else None
     keys = {l: _token_hash(COV_FORMAT, FORMAT_VERSION, meta, l, proj, anchor_lang,
@@ -1348,66 +1875,155 @@ def collect_target_stats(
                 results[l] = CovStats.load(paths[l])
                 log.info("cache hit: pass-2 layer %d from %s", l, paths[l])
                 continue
-            except (OSError, ValueError) as exc:
+            except (OSError, ValueError, KeyError) as exc:
                 log.warning("ignoring unreadable cache file %s (%s)", paths[l], exc)
         todo.append(l)
     if not todo:
-        return results
-
-    L, n_ids = len(langs), len(enc[anchor_lang])
-    k = {l: S[l].numel() * len(acts) for l in todo}
-    acc: dict[int, dict[str, torch.Tensor]] = {}
-    cols: dict[int, torch.Tensor] = {}  # (k,) columns of Y_cat = cat([up?, gate?]) at S
-
-    def init(l: int, dev: torch.device) -> None:
-        d, dff = parts[l].d_model, parts[l].d_ff
-        z = lambda *shape: torch.zeros(shape, dtype=stat_dtype, device=dev)  # noqa: E731
-        acc[l] = {"count": z(L), "xtx": z(L, d, d), "xty": z(L, d, k[l]), "x_sum": z(L, d),
-                  "y_sum": z(L, k[l]), "y_sumsq": z(L, k[l])}
-        cols[l] = torch.cat([S[l] + j * dff for j in range(len(acts))]).to(dev)
-
-    with _Recorder(model, todo, position=position, acts=acts, early_stop=early_stop,
-                   parts=parts) as rec:
-        anchor_rows = [i for i in range(n_ids) if enc[anchor_lang][i] is not None]
-        for chunk in tqdm(_batches(len(anchor_rows), batch_size), desc="capture targets",
-                          disable=not progress, leave=False):
-            ids = [anchor_rows[i] for i in chunk]
-            XA, YA = rec.run(_make_batch([enc[anchor_lang][i] for i in ids], pad_id=pad_id,
-                                         side=side, device=device))
-            # YA (L, b, n_acts * d_ff): the anchor's [up | gate] rows, targets of every language
-            YA = YA.permute(0, 2, 1, 3).reshape(YA.shape[0], YA.shape[2], -1)
-            for lang in langs:
-                rows = [j for j, i in enumerate(ids) if enc[lang][i] is not None]
-                if not rows:
-                    continue
-                if lang == anchor_lang:
-                    Xl, Yl = XA, YA
-                else:
-                    Xl, _ = rec.run(_make_batch([enc[lang][ids[j]] for j in rows], pad_id=pad_id,
-                                                side=side, device=device))
-                    Yl = YA if len(rows) == len(ids) else \
-                        YA[:, torch.as_tensor(rows, device=YA.device)]
-                    Xl = Xl.to(YA.dtype)
-                li = langs.index(lang)
-                for l in todo:
-                    i = rec.slot[l]
-                    X, Y = Xl[i], Yl[i]                      # (b', d_model), (b', k_all) fp32
-                    if l not in acc:
-                        init(l, X.device)
-                    a = acc[l]
-                    _cov_update(a["xtx"][li], a["xty"][li], X, Y, cols[l])
-                    ys = Y[:, cols[l]].to(stat_dtype)
-                    a["count"][li] += X.shape[0]
-                    a["x_sum"][li] += X.sum(0, dtype=stat_dtype)
-                    a["y_sum"][li] += ys.sum(0)
-                    a["y_sumsq"][li] += ys.square().sum(0)
+        return {l: results[l] for l in layers}
+    for l in todo:  # one recorder: every layer of a call has the same MLP shape
+        if (parts[l].d_model, parts[l].d_ff) != (parts[todo[0]].d_model, parts[todo[0]].d_ff):
+            raise ValueError(f"layers {todo} have different MLP shapes; capture them in separate calls")
+    acc = _parallel_pass(model, enc, langs, anchor_lang, layers=todo, parts=parts,
+                         targets={l: S[l] for l in todo}, cov_layers=todo, neuron=False, proj=proj,
+                         position=position, batch_size=batch_size, chunk_size=chunk_size, side=side,
+                         pad_id=_pad_id(tokenizer), device=_input_device(model), stat_dtype=stat_dtype,
+                         early_stop=early_stop, prefix_reuse=prefix_reuse, progress=progress,
+                         desc="capture targets")
     for l in todo:
-        if l not in acc:
-            raise ValueError("no aligned rows: every anchor prompt is missing")
-        a = {name: v.cpu() for name, v in acc[l].items()}
-        st = CovStats(layer=l, neurons=S[l], proj=proj, anchor_lang=anchor_lang, langs=list(langs),
-                      meta=dict(meta, d_model=parts[l].d_model, d_ff=parts[l].d_ff), **a)
+        st = _cov_result(acc, langs, l, S[l], proj, anchor_lang,
+                         dict(meta, d_model=parts[l].d_model, d_ff=parts[l].d_ff))
         if cache:
             st.save(paths[l], extra={"cache_key": keys[l], "dataset_hash": data_hash})
         results[l] = st
     return {l: results[l] for l in layers}
+
+
+def collect_parallel_stats(
+    model: nn.Module,
+    tokenizer: Any,
+    parallel: Mapping[str, Sequence[Text | None]] | Iterable[Prompt],
+    layers: Sequence[int],
+    *,
+    neurons: Mapping[int, Any] | None = None,
+    anchor_lang: str = "en",
+    langs: Sequence[str] | None = None,
+    label: str = "harmful",
+    proj: str = "up",
+    cov: bool | Iterable[int] = True,
+    position: str = "last",
+    system_prompt: str | None = None,
+    batch_size: int = 8,
+    chunk_size: int = 512,
+    cache_dir: str | Path | None = None,
+    padding_side: str | None = None,
+    chat_template: bool = True,
+    max_length: int | None = None,
+    stat_dtype: torch.dtype = torch.float64,
+    early_stop: bool = True,
+    prefix_reuse: bool = True,
+    progress: bool = True,
+) -> tuple[dict[int, NeuronStats], dict[int, CovStats]]:
+    """Pass 1 and pass 2 of the parallel (harmful) prompts in one forward per prompt.
+
+    Every prompt of ``parallel`` is forwarded once (anchor first, by id chunks, as in
+    :func:`collect_target_stats`) and feeds both:
+
+    - pass-1 statistics of the groups ``(lang, label)`` for every language of ``langs``
+      (:class:`NeuronStats`, ``XᵀX`` for the ``cov`` layers), ready to merge with the harmless
+      groups of :func:`collect_neuron_stats`;
+    - pass-2 statistics (:class:`CovStats`) for the layers of ``neurons``: by default (None) every
+      layer with **every** neuron, i.e. the full ``X_langᵀ Y_anchor`` ``(d_model, n_acts·d_ff)``.
+      Once the safety neurons S are chosen from the pass-1 statistics,
+      ``cov.select_neurons(S)`` is exactly what :func:`collect_target_stats` with S would have
+      returned, so no second forward is needed (a joint multi-layer fit still needs pass 2 for
+      the later layers, whose inputs change with the earlier edits). The full matrix costs
+      :func:`full_xty_bytes` per layer: the fit switches to pass 2 above a size limit.
+
+    Rows are the ids that have an anchor prompt (in every language: its prompts of those ids),
+    so ``(anchor, label)`` holds every anchor prompt. Arguments as in
+    :func:`collect_target_stats` and :func:`collect_neuron_stats`; ``neurons`` maps a layer to S,
+    ``None`` or ``"all"``; its layers must be among ``layers`` and get ``XᵀX`` whatever ``cov``
+    says. Cached per layer (both results) with ``cache_dir``.
+
+    Returns:
+        ``({layer: NeuronStats}, {layer: CovStats})`` on CPU.
+    """
+    if proj not in PROJS:
+        raise ValueError(f"proj must be one of {PROJS}, got {proj!r}")
+    if position not in POSITIONS:
+        raise ValueError(f"position must be one of {POSITIONS}, got {position!r}")
+    layers = _check_layers(model, layers)
+    langs, enc = _parallel_setup(model, tokenizer, parallel, anchor_lang, langs,
+                                 system_prompt=system_prompt, chat_template=chat_template,
+                                 max_length=max_length)
+    parts = {l: _parts(model, l) for l in layers}
+    shapes = {(p.d_model, p.d_ff) for p in parts.values()}
+    if len(shapes) != 1:
+        raise ValueError(f"layers {layers} have different MLP shapes; capture them in separate calls")
+    neurons = {l: None for l in layers} if neurons is None else {int(l): s for l, s in neurons.items()}
+    if not set(neurons) <= set(layers):
+        raise ValueError(f"neurons given for layers {sorted(set(neurons) - set(layers))} not among {layers}")
+    S = _check_neurons(neurons, {l: p.d_ff for l, p in parts.items()})
+    cov_layers = set(layers) if cov is True else set() if cov is False else {int(l) for l in cov}
+    if not cov_layers <= set(layers):
+        raise ValueError(f"cov layers {sorted(cov_layers - set(layers))} are not among layers {layers}")
+    cov_layers |= set(S)
+    side = padding_side or getattr(tokenizer, "padding_side", None) or "left"
+    base_meta = {"position": position, "model_fingerprint": model_fingerprint(model),
+                 "patch_fingerprint": patch_fingerprint(model), "model_dtype": _model_dtype(model),
+                 "stat_dtype": _dtype_name(stat_dtype), "system_prompt": system_prompt,
+                 "chat_template": chat_template}
+    meta = {l: dict(base_meta, d_model=parts[l].d_model, d_ff=parts[l].d_ff) for l in layers}
+    down_norm = {l: _base_weight(p.down).detach().double().norm(dim=0).to(stat_dtype).cpu()
+                 for l, p in parts.items()}
+    data_hash = _token_hash(anchor_lang, langs, [enc[lang] for lang in dict.fromkeys([anchor_lang, *langs])])
+    cache = Path(cache_dir) if cache_dir is not None else None
+    full = {l: S[l].numel() == parts[l].d_ff for l in S}
+    keys = {l: _token_hash(PARALLEL_FORMAT, FORMAT_VERSION, meta[l], l, proj, anchor_lang, label,
+                           l in cov_layers, None if l not in S else ALL_NEURONS if full[l] else S[l].tolist(),
+                           data_hash) for l in layers}
+    paths = {l: cache / f"L{l:03d}" / f"par-{proj}-{_safe(anchor_lang)}-{keys[l][:20]}.safetensors"
+             for l in layers} if cache else {}
+    cpaths = {l: p.with_name(p.name.replace("par-", "parcov-", 1)) for l, p in paths.items()}
+    n_out: dict[int, NeuronStats] = {}
+    c_out: dict[int, CovStats] = {}
+    todo = []
+    for l in layers:
+        if cache and paths[l].exists() and (l not in S or cpaths[l].exists()):
+            try:
+                n_out[l] = NeuronStats.load(paths[l])
+                if l in S:
+                    c_out[l] = CovStats.load(cpaths[l])
+                log.info("cache hit: parallel pass layer %d from %s", l, paths[l])
+                continue
+            except (OSError, ValueError, KeyError, RuntimeError) as exc:
+                n_out.pop(l, None)
+                log.warning("ignoring unreadable cache file %s (%s)", paths[l], exc)
+        todo.append(l)
+    if todo:
+        acc = _parallel_pass(model, enc, langs, anchor_lang, layers=todo, parts=parts,
+                             targets={l: S[l] for l in todo if l in S},
+                             cov_layers=[l for l in todo if l in cov_layers], neuron=True, proj=proj,
+                             position=position, batch_size=batch_size, chunk_size=chunk_size,
+                             side=side, pad_id=_pad_id(tokenizer), device=_input_device(model),
+                             stat_dtype=stat_dtype, early_stop=early_stop,
+                             prefix_reuse=prefix_reuse, progress=progress, desc="capture prompts")
+        groups = [(lang, label) for lang in langs]
+        for l in todo:
+            i = acc.rec.slot[l]
+            t = {"count": torch.tensor(acc.count, dtype=stat_dtype), "x_sum": acc.x_sum[:, i].cpu(),
+                 "h_abssum": acc.h_abssum[:, i].cpu()}
+            for k, a in enumerate(ACTIVATIONS):
+                t[f"{a}_sum"] = acc.act_sum[:, i, acc.rec.act_index[a]].cpu()
+                t[f"{a}_sumsq"] = acc.act_sumsq[:, i, acc.rec.act_index[a]].cpu()
+            n_out[l] = NeuronStats(layer=l, groups=groups, down_col_norm=down_norm[l],
+                                   xtx=acc.xtx[l].cpu().clone() if l in cov_layers else None,
+                                   meta=dict(meta[l], cov=l in cov_layers), **t)
+            if l in S:
+                c_out[l] = _cov_result(acc, langs, l, S[l], proj, anchor_lang, meta[l])
+            if cache:
+                extra = {"cache_key": keys[l], "dataset_hash": data_hash}
+                if l in S:
+                    c_out[l].save(cpaths[l], extra=extra)
+                n_out[l].save(paths[l], extra=extra)  # last: the pair is complete iff this exists
+    return {l: n_out[l] for l in layers}, {l: c_out[l] for l in layers if l in S}

@@ -16,6 +16,17 @@ The recipe is SWE's algorithm 1 (docs/METHOD.md section 2) for one or several de
    ``(r, d_model)``, for ``up_proj`` rows, ``gate_proj`` rows, or both (one joint solve over
    ``2m`` targets sharing ``V``).
 
+**Single pass** (``FitConfig.one_pass``, default on when it fits): passes 1 and 2 are merged.
+The harmless prompts go through pass 1; the harmful prompts of every language go once through
+:func:`edit_runtime.capture.collect_parallel_stats`, which keeps the full ``X_langᵀY_anchor``
+``(d_model, d_ff)`` (every neuron) next to the pass-1 sums; once S is chosen the full matrix is
+sliced to S, which is exactly pass 2's statistics. So each prompt is forwarded once instead of
+the anchor's harmful prompts twice and pass 2 waiting for pass 1. It applies to the layers
+whose inputs no earlier edit changes (mode "joint": the first layer; "separate": all of them)
+while the full matrices fit ``one_pass_max_bytes`` (1 GiB; 314 MB per layer for Qwen2.5-0.5B
+with 9 languages; a 4096-wide model with 14336 neurons needs 4.2 GB, so it falls back to pass 2
+with the masked-covariance kernel). Given neuron sets (``neurons=``) need only their columns.
+
 Several layers (``FitConfig.mode``):
 
 - ``"joint"`` (default): one delta editing every layer. Layers are fitted in increasing order;
@@ -41,7 +52,14 @@ from torch import nn
 
 import edit_runtime
 from edit_runtime.arch import find_mlp
-from edit_runtime.capture import CovStats, NeuronStats, collect_neuron_stats, collect_target_stats
+from edit_runtime.capture import (
+    CovStats,
+    NeuronStats,
+    collect_neuron_stats,
+    collect_parallel_stats,
+    collect_target_stats,
+    full_xty_bytes,
+)
 from edit_runtime.data import Prompt, dataset_hash
 from edit_runtime.delta import ModuleEdit, SparseDelta, compute_fingerprint
 from edit_runtime.neurons import swe_neurons, swe_scores
@@ -50,7 +68,7 @@ from edit_runtime.solver import SolveResult, objective_terms, solve
 
 log = logging.getLogger(__name__)
 
-__all__ = ["FitConfig", "LayerReport", "FitResult", "fit", "select_neurons", "layer_problem"]
+__all__ = ["FitConfig", "LayerReport", "FitResult", "fit", "select_neurons", "layer_problem", "one_pass_layers"]
 
 TARGETS = ("up", "gate", "both")
 MODES = ("joint", "separate")
@@ -80,6 +98,16 @@ class FitConfig:
     batch_size: int = field(default=8, metadata={"help": "prompts (pass 1) or ids (pass 2) per forward"})
     mode: str = field(default="joint", metadata={"help": "'joint' (compose layers) or 'separate' (rank them)"})
     cache_dir: str | None = field(default=None, metadata={"help": "statistics cache folder; None = no cache"})
+    one_pass: bool | None = field(
+        default=None, metadata={"help": "forward each harmful prompt once, keeping the full XᵀY (sliced to S "
+                                "afterwards) for the layers whose inputs no earlier edit changes (joint: the "
+                                "first layer; separate: all); None = when given neurons or when the full "
+                                "XᵀY fits one_pass_max_bytes; False = the two passes"})
+    one_pass_max_bytes: int = field(
+        default=1 << 30, metadata={"help": "size limit of the full XᵀY kept by the single pass, all its layers "
+                                   "together (Qwen2.5-0.5B, 9 languages, 'up': 314 MB per layer)"})
+    prefix_reuse: bool = field(
+        default=True, metadata={"help": "forward the chat template's shared prefix once and reuse its KV cache"})
 
     def __post_init__(self) -> None:
         self.layers = sorted({int(l) for l in self.layers})
@@ -94,6 +122,8 @@ class FitConfig:
             raise ValueError(f"target must be one of {TARGETS}, got {self.target!r}")
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.one_pass_max_bytes < 0:
+            raise ValueError(f"one_pass_max_bytes must be >= 0, got {self.one_pass_max_bytes}")
         if self.max_neurons is not None and self.max_neurons < 1:
             raise ValueError(f"max_neurons must be >= 1 or None, got {self.max_neurons}")
 
@@ -194,6 +224,31 @@ def _gap_closed(model: nn.Module, cov: CovStats, langs: Sequence[str], res: Solv
     return terms.gap_closed
 
 
+def one_pass_layers(model: nn.Module, cfg: FitConfig, n_langs: int, *, neurons_given: bool = False) -> list[int]:
+    """The layers whose pass-2 statistics come from the single pass (see ``FitConfig.one_pass``).
+
+    Only layers whose inputs no earlier edit changes qualify: the first layer in mode "joint",
+    every layer in mode "separate". With the neuron sets given up front only their columns are
+    kept, so there is no size limit; otherwise layers are taken in order while the full ``XᵀY``
+    (:func:`edit_runtime.capture.full_xty_bytes`, ``n_langs`` languages) fits
+    ``cfg.one_pass_max_bytes`` (``one_pass=True`` ignores the limit)."""
+    if cfg.one_pass is False:
+        return []
+    eligible = list(cfg.layers[:1]) if cfg.mode == "joint" else list(cfg.layers)
+    if neurons_given or cfg.one_pass:
+        return eligible
+    out, used = [], 0
+    for layer in eligible:
+        size = full_xty_bytes(model, layer, n_langs, proj=cfg.target)
+        if used + size > cfg.one_pass_max_bytes:
+            log.info("layer %d: the full XᵀY (%.0f MB) exceeds one_pass_max_bytes; pass 2 collects it",
+                     layer, size / 1e6)
+            break
+        out.append(layer)
+        used += size
+    return out
+
+
 # ---- the fit -----------------------------------------------------------------------------------
 
 def fit(model: nn.Module, tokenizer: Any, harmful: Sequence[Prompt], harmless: Sequence[Prompt],
@@ -223,24 +278,46 @@ def fit(model: nn.Module, tokenizer: Any, harmful: Sequence[Prompt], harmless: S
     if not any(p.lang == cfg.anchor_lang for p in harmless):
         raise ValueError(f"no harmless prompts in the anchor language {cfg.anchor_lang!r}")
     common = dict(position=cfg.position, system_prompt=cfg.system_prompt, batch_size=cfg.batch_size,
-                  cache_dir=cfg.cache_dir, progress=progress)
-
-    # Pass 1: the anchor's harmful prompts (neurons) and every harmless prompt (neurons, X_safe).
-    t0 = time.perf_counter()
-    groups: dict[tuple[str, str], list[Prompt]] = {
-        (cfg.anchor_lang, "harmful"): [p for p in harmful if p.lang == cfg.anchor_lang]}
-    for p in harmless:
-        groups.setdefault((p.lang, "harmless"), []).append(p)
-    stats1 = collect_neuron_stats(model, tokenizer, groups, cfg.layers, **common)
-    seconds["pass1_neurons"] = time.perf_counter() - t0
-    if neurons is None:
-        neurons = select_neurons(stats1, cfg)
-    else:
+                  cache_dir=cfg.cache_dir, progress=progress, prefix_reuse=cfg.prefix_reuse)
+    if neurons is not None:
         missing_layers = set(cfg.layers) - {int(l) for l in neurons}
         if missing_layers:
             raise ValueError(f"neurons given for layers {sorted(neurons)}, missing {sorted(missing_layers)}")
         neurons = {int(l): torch.as_tensor(s, dtype=torch.int64).unique() for l, s in neurons.items()}
-    safe_langs = sorted({lang for (lang, label) in groups if label == "harmless"})
+    harmless_groups: dict[tuple[str, str], list[Prompt]] = {}
+    for p in harmless:
+        harmless_groups.setdefault((p.lang, "harmless"), []).append(p)
+    safe_langs = sorted({lang for (lang, _) in harmless_groups})
+    n_langs = len({p.lang for p in harmful})
+    single = one_pass_layers(model, cfg, n_langs, neurons_given=neurons is not None)
+
+    # Pass 1: neuron statistics of the anchor's harmful and of every harmless prompt, X_safeᵀX_safe.
+    t0 = time.perf_counter()
+    cov_pre: dict[int, CovStats] = {}
+    if single:
+        # One forward per prompt: the harmful prompts of every language (by id) give the pass-1
+        # statistics and, for the layers in `single`, the pass-2 statistics (full XᵀY, or the
+        # given neurons' columns), so pass 2 only runs for layers behind an earlier edit.
+        stats_safe = collect_neuron_stats(model, tokenizer, harmless_groups, cfg.layers, **common)
+        seconds["pass1_harmless"] = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        targets = {l: (neurons[l] if neurons is not None else None) for l in single}
+        stats_harm, cov_single = collect_parallel_stats(
+            model, tokenizer, harmful, cfg.layers, neurons=targets, anchor_lang=cfg.anchor_lang,
+            proj=cfg.target, **common)
+        seconds["pass1_harmful"] = time.perf_counter() - t1
+        stats1 = {l: NeuronStats.merge([stats_harm[l], stats_safe[l]]) for l in cfg.layers}
+    else:
+        groups: dict[tuple[str, str], list[Prompt]] = {
+            (cfg.anchor_lang, "harmful"): [p for p in harmful if p.lang == cfg.anchor_lang]}
+        groups.update(harmless_groups)
+        stats1 = collect_neuron_stats(model, tokenizer, groups, cfg.layers, **common)
+    seconds["pass1_neurons"] = time.perf_counter() - t0
+    if neurons is None:
+        neurons = select_neurons(stats1, cfg)
+    if single:
+        cov_pre = {l: cov_single.pop(l).select_neurons(neurons[l]) for l in single}
+        del cov_single
 
     handles: list[PatchHandle] = []
     edits: list[ModuleEdit] = []
@@ -251,8 +328,11 @@ def fit(model: nn.Module, tokenizer: Any, harmful: Sequence[Prompt], harmless: S
         seconds["pass2_targets"] = seconds["solve"] = 0.0
         for layers in plan:
             t0 = time.perf_counter()
-            cov = collect_target_stats(model, tokenizer, harmful, {l: neurons[l] for l in layers},
-                                       anchor_lang=cfg.anchor_lang, proj=cfg.target, **common)
+            rest = [l for l in layers if l not in cov_pre]
+            cov = dict(collect_target_stats(model, tokenizer, harmful, {l: neurons[l] for l in rest},
+                                            anchor_lang=cfg.anchor_lang, proj=cfg.target, **common)
+                       if rest else {})
+            cov.update({l: cov_pre[l] for l in layers if l in cov_pre})
             cov_held = (collect_target_stats(model, tokenizer, heldout, {l: neurons[l] for l in layers},
                                              anchor_lang=cfg.anchor_lang, proj=cfg.target, **common)
                         if heldout else None)
@@ -305,6 +385,7 @@ def fit(model: nn.Module, tokenizer: Any, harmful: Sequence[Prompt], harmless: S
                  "heldout_sha256": dataset_hash(heldout) if heldout else None,
                  "n_harmful": len(harmful), "n_harmless": len(harmless)},
         "neurons": {str(l): int(neurons[l].numel()) for l in kept_layers},
+        "single_pass_layers": list(single),
         "reports": [asdict(r) for r in reports],
     }
     delta = SparseDelta(edits=edits, metadata=metadata, fingerprint=compute_fingerprint(model, modules))

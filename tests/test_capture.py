@@ -18,6 +18,7 @@ from edit_runtime.capture import (
     NeuronStats,
     align_parallel,
     collect_neuron_stats,
+    collect_parallel_stats,
     collect_target_stats,
     merge_stats,
     model_fingerprint,
@@ -71,6 +72,14 @@ def _oracle(model, tok, groups, layers, position, system_prompt=None):
         down = model.get_submodule(find_mlp(model, l).down).weight.detach().double().norm(dim=0)
         out[l] = NeuronStats.from_activations(l, acts, down)
     return out
+
+
+def _close_scaled(got: torch.Tensor, want: torch.Tensor, msg: str = "") -> None:
+    """fp32 forward tolerance for sums of products: the batch composition (length sorting,
+    padding, the shared prefix's KV cache) changes activations in the last fp32 bits, so the
+    absolute tolerance scales with the largest entry (~1e-7 relative to it, 20x margin)."""
+    torch.testing.assert_close(got, want, atol=ATOL + 2e-6 * float(want.abs().max()), rtol=RTOL,
+                               msg=msg)
 
 
 def _assert_stats_close(a: NeuronStats, b: NeuronStats, atol=ATOL, rtol=RTOL):
@@ -215,6 +224,30 @@ class _ForwardCounter:
         self.h.remove()
 
 
+def _n_batches(tok, texts, batch_size: int) -> int:
+    """Forwards a group takes: length-sorted batches of at most ``batch_size`` prompts, split
+    where the length drops below ``LENGTH_RATIO`` of the batch's longest."""
+    return len(capture._length_batches([len(s) for s in capture.encode_prompts(tok, texts)],
+                                       batch_size))
+
+
+def test_length_batches_cut_padding():
+    lengths = [5, 100, 96, 30, 90, 29, 31, 28, 1, 27]
+    got = capture._length_batches(lengths, 3, min_tokens=0)
+    assert sorted(i for b in got for i in b) == list(range(len(lengths)))
+    assert got == [[1, 2, 4], [6, 3, 5], [7, 9], [0], [8]]
+    for b in got:
+        assert len(b) <= 3 and min(lengths[i] for i in b) >= capture.LENGTH_RATIO * lengths[b[0]]
+    assert capture._length_batches(lengths, 3, ratio=0.0, min_tokens=0) == [
+        [1, 2, 4], [6, 3, 5], [7, 9, 0], [8]]
+    # short prompts: more than batch_size per batch until min_tokens, at most 4 * batch_size
+    assert capture._length_batches(lengths, 3, min_tokens=150) == [[1, 2, 4], [6, 3, 5, 7, 9], [0], [8]]
+    assert capture._length_batches([10] * 20, 2, min_tokens=1000) == [
+        list(range(0, 8)), list(range(8, 16)), list(range(16, 20))]
+    with pytest.raises(ValueError, match="batch_size"):
+        capture._length_batches(lengths, 0)
+
+
 def test_cache_hit_reuses_without_forward(model, tok, tmp_path):
     groups = _groups()
     cnt = _ForwardCounter(model)
@@ -222,7 +255,8 @@ def test_cache_hit_reuses_without_forward(model, tok, tmp_path):
         first = collect_neuron_stats(model, tok, groups, [1], batch_size=4, cache_dir=tmp_path,
                                      progress=False)
         n_first = cnt.n
-        assert n_first == sum((len(v) + 3) // 4 for v in groups.values())
+        # one forward per batch, plus one for the shared chat-template prefix (KV reused)
+        assert n_first == sum(_n_batches(tok, v, 4) for v in groups.values()) + 1
         files = sorted(p.name for p in tmp_path.rglob("*.safetensors"))
         assert len(files) == len(groups)
         again = collect_neuron_stats(model, tok, groups, [1], batch_size=4, cache_dir=tmp_path,
@@ -241,7 +275,7 @@ def test_cache_hit_reuses_without_forward(model, tok, tmp_path):
         g2[("yy", "harmful")] = [t for t in TEXTS["yy"] if t]
         collect_neuron_stats(model, tok, g2, [1, 3], batch_size=4, cache_dir=tmp_path,
                              progress=False)
-        assert cnt.n == (len(g2[("yy", "harmful")]) + 3) // 4
+        assert cnt.n == _n_batches(tok, g2[("yy", "harmful")], 4) + 1
         # anything in the key changes -> miss: position, prompts, system prompt
         cnt.n = 0
         collect_neuron_stats(model, tok, groups, [1], position="mean", cache_dir=tmp_path,
@@ -286,8 +320,30 @@ def test_early_stop_skips_later_layers_and_changes_nothing(model, tok):
     finally:
         h.remove()
         lm.remove()
+    # early stop runs the last layer's MLP on the last tokens only: same rows, fp32 rounding
     for l in (0, 1):
-        _assert_stats_close(a[l], b[l], atol=0, rtol=0)
+        _assert_stats_close(a[l], b[l])
+
+
+def test_early_stop_runs_last_mlp_on_last_tokens_only(model, tok):
+    """position="last" + early stop: the last recorded layer's MLP sees one row per prompt, the
+    earlier ones every token; "mean" needs every token everywhere."""
+    groups = {("en", "harmful"): TEXTS["en"]}
+    seen: dict[int, list[tuple[int, ...]]] = {0: [], 1: []}
+    hs = [model.model.layers[l].mlp.up_proj.register_forward_hook(
+        lambda m, a, o, l=l: seen[l].append(tuple(o.shape))) for l in (0, 1)]
+    try:
+        # (no shared prefix: its one forward runs every prefix token through every layer)
+        collect_neuron_stats(model, tok, groups, [0, 1], batch_size=4, prefix_reuse=False,
+                             progress=False)
+        assert all(s[1] == 1 for s in seen[1]) and any(s[1] > 1 for s in seen[0])
+        seen[0].clear(), seen[1].clear()
+        collect_neuron_stats(model, tok, groups, [0, 1], batch_size=4, position="mean",
+                             progress=False)
+        assert any(s[1] > 1 for s in seen[1])
+    finally:
+        for h in hs:
+            h.remove()
 
 
 def test_bad_arguments(model, tok):
@@ -337,8 +393,7 @@ def test_pass2_pairing_matches_explicit(model, tok, proj):
             i = st.index(lang)
             assert int(st.count[i]) == want[lang]["count"]
             for name in ("xtx", "xty", "x_sum", "y_sum", "y_sumsq"):
-                torch.testing.assert_close(getattr(st, name)[i], want[lang][name], atol=ATOL,
-                                           rtol=RTOL, msg=f"{lang} {name}")
+                _close_scaled(getattr(st, name)[i], want[lang][name], f"{lang} {name}")
         pooled = st.pooled(["xx", "yy"])
         torch.testing.assert_close(pooled["xty"], want["xx"]["xty"] + want["yy"]["xty"],
                                    atol=ATOL, rtol=RTOL)
@@ -383,6 +438,221 @@ def test_pass2_prompt_records_shards_cache(model, tok, tmp_path):
         collect_target_stats(model, tok, {"en": ["a", "b"], "xx": ["a"]}, neurons, progress=False)
     with pytest.raises(ValueError, match="neuron indices"):
         collect_target_stats(model, tok, aligned, {2: [10_000]}, progress=False)
+
+
+# ------------------------------------------------------------------------------ shared prefix
+
+class _InputShapes:
+    """Records the (B, T) of every model forward."""
+
+    def __init__(self, model):
+        self.shapes: list[tuple[int, int]] = []
+        self.h = model.register_forward_pre_hook(self, with_kwargs=True)
+
+    def __call__(self, module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        self.shapes.append(tuple(ids.shape))
+
+    def remove(self):
+        self.h.remove()
+
+
+@pytest.mark.parametrize("position", ["last", "mean"])
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_prefix_reuse_equals_plain_forward(model, tok, position, side):
+    """The chat template's shared prefix forwarded once (KV cache reused) gives the statistics of
+    the plain forward, the mean over prompt tokens included (the prefix tokens count)."""
+    sysp = "You are a careful assistant."  # a longer shared prefix
+    groups = _groups()
+    seqs = [s for v in groups.values() for s in capture.encode_prompts(tok, v, system_prompt=sysp)]
+    P = capture._shared_prefix_len(seqs)
+    assert P >= len(capture.encode_prompts(tok, [sysp])[0]) // 2
+    shapes = _InputShapes(model)
+    try:
+        got = collect_neuron_stats(model, tok, groups, LAYERS, position=position, padding_side=side,
+                                   system_prompt=sysp, batch_size=3, progress=False)
+    finally:
+        shapes.remove()
+    # one forward of the prefix, then only the tokens after it
+    assert shapes.shapes[0] == (1, P)
+    assert sum(b * t for b, t in shapes.shapes[1:]) <= sum(len(s) - P for s in seqs) * 2
+    plain = collect_neuron_stats(model, tok, groups, LAYERS, position=position, padding_side=side,
+                                 system_prompt=sysp, batch_size=3, prefix_reuse=False, progress=False)
+    want = _oracle(model, tok, groups, LAYERS, position, system_prompt=sysp)
+    for l in LAYERS:
+        _assert_stats_close(got[l], plain[l])
+        _assert_stats_close(got[l], want[l])
+    par = {lang: TEXTS[lang] for lang in LANGS}
+    a = collect_target_stats(model, tok, par, {1: [3, 8]}, proj="both", position=position,
+                             padding_side=side, system_prompt=sysp, progress=False)[1]
+    b = collect_target_stats(model, tok, par, {1: [3, 8]}, proj="both", position=position,
+                             padding_side=side, system_prompt=sysp, prefix_reuse=False,
+                             progress=False)[1]
+    for name in CovStats._NAMES:
+        _close_scaled(getattr(a, name), getattr(b, name), name)
+
+
+def test_shared_prefix_len():
+    assert capture._shared_prefix_len([[1, 2, 3, 4], [1, 2, 3, 5], [1, 2, 9]]) == 2
+    assert capture._shared_prefix_len([[1, 2, 3], [1, 2, 3, 4]]) == 2  # each keeps a token
+    assert capture._shared_prefix_len([[1, 2, 3]]) == 0
+    assert capture._shared_prefix_len([[7, 2], [1, 2]]) == 0
+
+
+def test_prefix_reuse_off_for_short_sliding_window(tok):
+    """Sliding-window layers shorter than the prompts: no prefix reuse (and still right)."""
+    from tiny_models import make_tiny_model
+
+    def mistral(window):
+        return make_tiny_model("mistral", seed=7, num_layers=2, vocab_size=len(tok),
+                               initializer_range=0.2, max_position_embeddings=512,
+                               sliding_window=window)
+
+    model = mistral(8)
+    assert "sliding" in capture._prefix_unsupported(model, 40)
+    assert capture._prefix_unsupported(mistral(4096), 40) is None
+    groups = {k: v for k, v in _groups().items() if k[0] == "en"}
+    shapes = _InputShapes(model)
+    try:
+        got = collect_neuron_stats(model, tok, groups, [1], batch_size=3, progress=False)[1]
+    finally:
+        shapes.remove()
+    seqs = [s for v in groups.values() for s in capture.encode_prompts(tok, v)]
+    assert min(t for _, t in shapes.shapes) >= min(len(s) for s in seqs)  # whole prompts only
+    _assert_stats_close(got, _oracle(model, tok, groups, [1], "last")[1])
+
+
+# -------------------------------------------------------------------------------- single pass
+
+def test_single_pass_equals_two_passes(model, tok):
+    """collect_parallel_stats: the pass-1 statistics of every language's harmful group and the
+    full XᵀY, sliced to S, equal collect_neuron_stats and collect_target_stats with S."""
+    parallel = {lang: list(TEXTS[lang]) for lang in LANGS}
+    parallel["en"][4] = None  # no anchor: dropped in every language
+    full_up = None
+    for proj in ("up", "both"):
+        neuron, cov = collect_parallel_stats(model, tok, parallel, [1, 3], proj=proj, batch_size=3,
+                                             progress=False)
+        full_up = cov if proj == "up" else full_up
+        assert set(neuron) == set(cov) == {1, 3}
+        rows = {lang: [t for i, t in enumerate(parallel[lang]) if t is not None
+                       and parallel["en"][i] is not None] for lang in LANGS}
+        want1 = collect_neuron_stats(model, tok, {(lang, "harmful"): rows[lang] for lang in LANGS},
+                                     [1, 3], batch_size=4, progress=False)
+        for l, S in ((1, [0, 3, 5, 17, 100]), (3, [2, 40])):
+            assert cov[l].neurons.tolist() == list(range(cov[l].xty.shape[2] // (2 if proj == "both" else 1)))
+            assert neuron[l].groups == [(lang, "harmful") for lang in LANGS]
+            _assert_stats_close(neuron[l], want1[l])
+            sliced = cov[l].select_neurons(S)
+            two = collect_target_stats(model, tok, parallel, {l: S}, proj=proj, batch_size=2,
+                                       progress=False)[l]
+            want = _explicit_pass2(model, tok, parallel, l, S, proj)
+            assert sliced.neurons.tolist() == S and sliced.langs == two.langs
+            for name in CovStats._NAMES:
+                _close_scaled(getattr(sliced, name), getattr(two, name), f"{proj} {l} {name}")
+            for lang in LANGS:
+                i = sliced.index(lang)
+                for name in ("xtx", "xty", "y_sum", "y_sumsq"):
+                    _close_scaled(getattr(sliced, name)[i], want[lang][name], f"{lang} {name}")
+                # the NeuronStats group shares the rows: same XᵀX
+                torch.testing.assert_close(neuron[l].xtx[neuron[l].index(lang, "harmful")],
+                                           cov[l].xtx[i], atol=0, rtol=0)
+    # given neuron sets: only their columns, same numbers
+    _, cov_s = collect_parallel_stats(model, tok, parallel, [1, 3], neurons={3: [2, 40]},
+                                      batch_size=3, progress=False)
+    assert set(cov_s) == {3} and cov_s[3].neurons.tolist() == [2, 40]
+    for name in CovStats._NAMES:
+        _close_scaled(getattr(cov_s[3], name), getattr(full_up[3].select_neurons([2, 40]), name), name)
+
+
+def test_single_pass_float64_is_exact_sum_of_rows(tok):
+    """In float64 (model and statistics) the single pass and the two passes agree to 1e-12:
+    the same rows, summed in another order."""
+    model = tiny_llama(len(tok), n_layers=3, seed=8, dtype=torch.float64)
+    par = {lang: [t for t in TEXTS[lang]] for lang in ("en", "xx")}
+    _, cov = collect_parallel_stats(model, tok, par, [1], batch_size=3, progress=False)
+    two = collect_target_stats(model, tok, par, {1: [4, 9, 60]}, batch_size=2, prefix_reuse=False,
+                               progress=False)[1]
+    sliced = cov[1].select_neurons([60, 4, 9])
+    for name in CovStats._NAMES:
+        torch.testing.assert_close(getattr(sliced, name), getattr(two, name), atol=1e-10, rtol=1e-12)
+
+
+def test_single_pass_shards_merge_and_cache(model, tok, tmp_path):
+    recs = [Prompt(id=f"id{i}", lang=lang, text=t, label="harmful", source="t")
+            for lang in LANGS for i, t in enumerate(TEXTS[lang]) if t is not None]
+    aligned = align_parallel(recs, anchor_lang="en")
+    n_full, c_full = collect_parallel_stats(model, tok, recs, [2], progress=False)
+    parts = [collect_parallel_stats(model, tok, {k: v[r::2] for k, v in aligned.items()}, [2],
+                                    progress=False) for r in range(2)]
+    merged_n = parts[0][0][2] + parts[1][0][2]
+    merged_c = parts[0][1][2] + parts[1][1][2]
+    _assert_stats_close(merged_n, n_full[2])
+    for name in CovStats._NAMES:
+        _close_scaled(getattr(merged_c, name), getattr(c_full[2], name), name)
+    cnt = _ForwardCounter(model)
+    try:
+        a = collect_parallel_stats(model, tok, recs, [2], cache_dir=tmp_path, progress=False)
+        n = cnt.n
+        b = collect_parallel_stats(model, tok, recs, [2], cache_dir=tmp_path, progress=False)
+        assert cnt.n == n  # both results from the cache
+        assert torch.equal(a[1][2].xty, b[1][2].xty) and torch.equal(a[0][2].up_sum, b[0][2].up_sum)
+        collect_parallel_stats(model, tok, recs, [2], neurons={2: [1, 2]}, cache_dir=tmp_path,
+                               progress=False)
+        assert cnt.n > n  # another target set: another key
+    finally:
+        cnt.remove()
+
+
+def test_select_neurons_and_bad_sets(model, tok):
+    par = {lang: TEXTS[lang] for lang in ("en", "xx")}
+    two = collect_target_stats(model, tok, par, {1: [3, 8, 20]}, proj="both", progress=False)[1]
+    sub = two.select_neurons([20, 3])
+    assert sub.neurons.tolist() == [3, 20] and sub.xty.shape[2] == 4
+    torch.testing.assert_close(sub.xty, two.xty[:, :, [0, 2, 3, 5]], atol=0, rtol=0)
+    with pytest.raises(ValueError, match=r"\[5\]"):
+        two.select_neurons([3, 5])
+    with pytest.raises(ValueError, match="empty"):
+        two.select_neurons([])
+    with pytest.raises(ValueError, match="not among"):
+        collect_parallel_stats(model, tok, par, [1], neurons={2: None}, progress=False)
+    assert capture.full_xty_bytes(model, 1, 9) == 9 * 64 * 128 * 8
+    assert capture.full_xty_bytes(model, 1, 9, proj="both") == 2 * 9 * 64 * 128 * 8
+
+
+# ------------------------------------------------------------------------------ cache version
+
+def test_cache_from_an_older_format_is_not_read(model, tok, tmp_path, caplog):
+    """Files of another FORMAT_VERSION are neither found (the version is part of every key)
+    nor loaded (the sidecar's version is checked): they are recomputed, with a warning."""
+    g = {("en", "harmful"): TEXTS["en"][:3]}
+    first = collect_neuron_stats(model, tok, g, [1], cache_dir=tmp_path, progress=False)[1]
+    (path,) = list(tmp_path.rglob("*.safetensors"))
+    side = path.with_suffix(".json")
+    old = json.loads(side.read_text())
+    assert old["version"] == capture.FORMAT_VERSION >= 2
+    old["version"] = 1
+    side.write_text(json.dumps(old))
+    with pytest.raises(ValueError, match="version"):
+        NeuronStats.load(path)
+    cnt = _ForwardCounter(model)
+    try:
+        with caplog.at_level("WARNING", logger="edit_runtime.capture"):
+            again = collect_neuron_stats(model, tok, g, [1], cache_dir=tmp_path, progress=False)[1]
+        assert cnt.n > 0 and "ignoring unreadable cache file" in caplog.text
+        _assert_stats_close(again, first, atol=0, rtol=0)
+        assert json.loads(side.read_text())["version"] == capture.FORMAT_VERSION  # rewritten
+        n = cnt.n
+        par = {lang: TEXTS[lang] for lang in ("en", "xx")}
+        collect_target_stats(model, tok, par, {1: [3]}, cache_dir=tmp_path, progress=False)
+        n = cnt.n
+        import unittest.mock as mock
+        with mock.patch.object(capture, "FORMAT_VERSION", capture.FORMAT_VERSION - 1):
+            collect_neuron_stats(model, tok, g, [1], cache_dir=tmp_path, progress=False)
+            collect_target_stats(model, tok, par, {1: [3]}, cache_dir=tmp_path, progress=False)
+        assert cnt.n > n  # another version: another key, no hit
+    finally:
+        cnt.remove()
 
 
 # ---------------------------------------------------------------------------- patched model

@@ -109,3 +109,43 @@ def test_cli_fit_writes_a_delta_that_patches(smollm2, tmp_path, capsys):
     assert delta.metadata["config"]["low_langs"] == ["zh", "vi"]
     with patch_model(model, delta) as handle:
         assert handle.modules == [find_mlp(model, 10).up]
+
+
+def test_single_pass_fit_equals_two_passes(smollm2):
+    """The default fit forwards every prompt once (full XᵀY sliced to S); the two-pass fit
+    (``one_pass=False``) finds the same neurons and the same edit up to fp32 rounding."""
+    model, tok = smollm2
+    harm, safe = _prompts(4)
+    cfg = dict(layers=[12], low_langs=LOW, rank=4)
+    one = fit(model, tok, harm, safe, FitConfig(**cfg), progress=False)
+    two = fit(model, tok, harm, safe, FitConfig(one_pass=False, **cfg), progress=False)
+    assert one.delta.metadata["single_pass_layers"] == [12]
+    assert two.delta.metadata["single_pass_layers"] == []
+    assert "pass1_harmful" in one.seconds and "pass1_harmful" not in two.seconds
+    assert torch.equal(one.neurons[12], two.neurons[12])
+    a, b = one.delta.edits[0].dense_rows(), two.delta.edits[0].dense_rows()
+    assert float((a - b).norm() / b.norm()) < 1e-3
+    assert abs(one.layers[0].gap_closed_train - two.layers[0].gap_closed_train) < 1e-4
+    # the heldout report takes pass 2 on the held-out ids (neurons known by then)
+    held = load_prompts("builtin:harmful", langs=LANGS, split="validation")
+    held = [p for p in held if p.id in sorted({p.id for p in held})[:2]]
+    res = fit(model, tok, harm, safe, FitConfig(**cfg), heldout=held, progress=False)
+    assert res.layers[0].gap_closed_heldout is not None
+
+
+def test_one_pass_layers_policy(smollm2):
+    from edit_runtime.capture import full_xty_bytes
+    from edit_runtime.fit import one_pass_layers
+
+    model, _ = smollm2
+    per_layer = full_xty_bytes(model, 8, 3)
+    assert per_layer == 3 * 576 * 1536 * 8
+    base = dict(layers=[8, 10, 12], low_langs=LOW)
+    assert one_pass_layers(model, FitConfig(**base), 3) == [8]  # joint: the first layer only
+    assert one_pass_layers(model, FitConfig(mode="separate", **base), 3) == [8, 10, 12]
+    small = FitConfig(mode="separate", one_pass_max_bytes=2 * per_layer, **base)
+    assert one_pass_layers(model, small, 3) == [8, 10]  # size-based default
+    assert one_pass_layers(model, FitConfig(one_pass_max_bytes=0, **base), 3) == []
+    assert one_pass_layers(model, FitConfig(one_pass_max_bytes=0, **base), 3, neurons_given=True) == [8]
+    assert one_pass_layers(model, FitConfig(one_pass=True, one_pass_max_bytes=0, **base), 3) == [8]
+    assert one_pass_layers(model, FitConfig(one_pass=False, **base), 3, neurons_given=True) == []
