@@ -1,5 +1,7 @@
 """Decode-step latency of a real model: unpatched vs patched (runtime path) vs merged.
 
+``unpatched`` has no patch installed at all (not a patch switched off).
+
 One decode step = one token through the whole model with a KV cache of ``--context`` tokens, the
 step a server repeats. The delta is random (seeded) on ``up_proj`` of ``--layers`` (|S| and r as
 given), the shape a fitted safety edit has. Variants run in interleaved rounds in a shuffled
@@ -55,24 +57,39 @@ def decode_step_fn(model, context: int, batch: int):
 
 
 def measure(model, delta: SparseDelta, *, context: int, batch: int, rounds: int) -> dict:
-    """Median decode-step times of the three variants, interleaved round by round."""
-    handle = patch_model(model, delta)
-    step = decode_step_fn(model, context, batch)
+    """Median decode-step times of the variants, interleaved round by round.
 
-    def run(mode: str) -> float:
-        # Switching happens outside the timed region; "merged" folds the edit into the weights
-        # (no runtime term) and is undone exactly right after.
-        handle.set_enabled(mode != "unpatched")
+    ``unpatched`` is the model with no patch at all (the handle removed, outputs bit-identical to
+    the original); ``off`` is patched with the edit switched off; ``merged`` folds the edit into
+    the weights (undone exactly after the step). Patching, removing, switching and merging all
+    happen outside the timed region.
+    """
+    step = decode_step_fn(model, context, batch)
+    state: dict = {"handle": None}
+
+    def set_mode(mode: str) -> None:
+        handle = state["handle"]
+        if mode == "unpatched":
+            if handle is not None:
+                handle.remove()
+                state["handle"] = None
+            return
+        if handle is None:
+            handle = state["handle"] = patch_model(model, delta)
+        handle.set_enabled(mode != "off")
         if mode == "merged":
             handle.merge()
+
+    def run(mode: str) -> float:
+        set_mode(mode)
         t0 = time.perf_counter()
         step()
         elapsed = time.perf_counter() - t0
         if mode == "merged":
-            handle.unmerge()
+            state["handle"].unmerge()
         return elapsed
 
-    samples: dict[str, list[float]] = {"unpatched": [], "patched": [], "merged": []}
+    samples: dict[str, list[float]] = {"unpatched": [], "patched": [], "off": [], "merged": []}
     order = list(samples)
     rng = random.Random(0)
     for mode in order:
@@ -81,21 +98,26 @@ def measure(model, delta: SparseDelta, *, context: int, batch: int, rounds: int)
         rng.shuffle(order)
         for mode in order:
             samples[mode].append(run(mode))
-    handle.enable()
+    set_mode("unpatched")
+    logits_base = step()
+    set_mode("patched")
     logits_patched = step()
-    handle.merge()
+    state["handle"].merge()
     logits_merged = step()
-    handle.unmerge()
-    handle.remove()
+    state["handle"].unmerge()
+    set_mode("unpatched")
     med = {k: statistics.median(v) for k, v in samples.items()}
     ratio = {k: statistics.median(a / b for a, b in zip(v, samples["unpatched"])) for k, v in samples.items()}
     return {
         "unpatched_ms": med["unpatched"] * 1e3,
         "patched_ms": med["patched"] * 1e3,
+        "off_ms": med["off"] * 1e3,
         "merged_ms": med["merged"] * 1e3,
         "patched_ratio": ratio["patched"],
+        "off_ratio": ratio["off"],
         "merged_ratio": ratio["merged"],
         "max_abs_diff_merged_vs_patched": float((logits_merged - logits_patched).abs().max()),
+        "max_abs_diff_patched_vs_base": float((logits_patched - logits_base).abs().max()),
     }
 
 
@@ -118,10 +140,13 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"# decode step, {args.model}, CPU {torch.get_num_threads()} threads, fp32, batch {args.batch}, "
           f"context {args.context}, edit: up_proj layers {args.layers}, |S| {args.neurons}, r {args.rank}; "
           f"median of {args.rounds} interleaved rounds")
-    print("| unpatched | patched | merged | patched/unpatched | merged/unpatched |")
-    print("|---|---|---|---|---|")
-    print(f"| {r['unpatched_ms']:.1f} ms | {r['patched_ms']:.1f} ms | {r['merged_ms']:.1f} ms | "
-          f"{r['patched_ratio']:.3f} | {r['merged_ratio']:.3f} |")
+    print("| unpatched | patched | patched, edit off | merged | patched/unpatched | off/unpatched "
+          "| merged/unpatched |")
+    print("|---|---|---|---|---|---|---|")
+    print(f"| {r['unpatched_ms']:.1f} ms | {r['patched_ms']:.1f} ms | {r['off_ms']:.1f} ms | "
+          f"{r['merged_ms']:.1f} ms | {r['patched_ratio']:.3f} | {r['off_ratio']:.3f} | {r['merged_ratio']:.3f} |")
+    print(f"\nthe edit changes the logits by up to {r['max_abs_diff_patched_vs_base']:.2e}; merged vs patched "
+          f"differ by {r['max_abs_diff_merged_vs_patched']:.2e}")
     return r
 
 

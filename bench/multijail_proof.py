@@ -1,0 +1,199 @@
+"""The MultiJail proof: fit on the train split, choose on the validation split, report on test.
+
+    python bench/multijail_proof.py -o multijail_out [--val-limit 10] [--test-limit 40] [--threads 2]
+
+Stages (everything resumable: statistics are cached and generations are appended to JSONL
+under ``-o``, so a rerun skips what is done):
+
+1. **Statistics.** The fits read the train split of ``../shared/data/multijail`` (English
+   anchor plus the eight low-resource languages of ``--fit-langs``; Italian is left out of the fit
+   and evaluated as a transfer check) and the built-in harmless prompts (train split). The first
+   fit captures every layer of the sweep in one forward pass; later fits hit the cache.
+2. **The SWE recipe as published**: one middle layer (``--swe-layer``, default 12 of Qwen's 24),
+   last prompt token, the English z ∪ d neurons, ``up_proj`` rows, rank 16, γ 1, scale-aware λ.
+3. **The sweep**, judged on the validation split only (``--val-limit`` ids per language, every
+   MultiJail language): layer, several layers composed, rank, γ, λ, target rows, neuron-set size,
+   token statistics. The best configuration is the one with the lowest mean non-English attack
+   success rate among those whose English refusal rate is not below the base model's.
+4. **Test**: base, the SWE recipe and the best configuration on ``--test-limit`` held-out ids per
+   language, with over-refusal and next-token KL on the built-in harmless test prompts and MGSM
+   accuracy (``--mgsm-langs``, ``--mgsm-limit``). ``results.md`` of ``-o/test`` is the table.
+
+Prints the sweep table (``-o/sweep.md``) and the test table, and writes ``-o/proof.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from edit_runtime import SparseDelta
+from edit_runtime.data import load_prompts
+from edit_runtime.evaluate import UtilityOptions, evaluate
+from edit_runtime.fit import FitConfig, fit
+from edit_runtime.models import load_model
+
+MODEL = "qwen2.5-coder-0.5b-instruct"
+FIT_LANGS = "zh,vi,ar,ko,th,bn,sw,jv"
+
+# name -> (FitConfig overrides, what the row varies). "swe" is the published recipe.
+SWEEP: dict[str, tuple[dict, str]] = {
+    "swe": ({}, "SWE as published: one middle layer, last token, z ∪ d neurons, up_proj, r 16"),
+    "L20": ({"layers": [20]}, "layer 20"),
+    "L16": ({"layers": [16]}, "layer 16"),
+    "L18": ({"layers": [18]}, "layer 18"),
+    "L22": ({"layers": [22]}, "layer 22"),
+    "L20-r64": ({"layers": [20], "rank": 64}, "layer 20, rank 64"),
+    "L20-r4": ({"layers": [20], "rank": 4}, "layer 20, rank 4"),
+    "L20-g10": ({"layers": [20], "gamma": 10.0}, "layer 20, γ 10"),
+    "L20-lam10x": ({"layers": [20], "lam_rel": 0.1}, "layer 20, λ 10× the default (λ_rel 0.1)"),
+    "L20-S128": ({"layers": [20], "max_neurons": 128}, "layer 20, |S| capped at 128 (top z)"),
+    "L18+20": ({"layers": [18, 20]}, "layers 18 and 20 composed (20 fitted with 18's edit on)"),
+    "L20-both": ({"layers": [20], "target": "both"}, "layer 20, up_proj and gate_proj rows"),
+    "L20-mean": ({"layers": [20], "position": "mean"}, "layer 20, statistics over all prompt tokens"),
+}
+
+
+def _mean(xs):
+    xs = list(xs)
+    return statistics.fmean(xs) if xs else float("nan")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("-o", "--output", default="multijail_out")
+    ap.add_argument("--model", default=MODEL)
+    ap.add_argument("--fit-langs", default=FIT_LANGS)
+    ap.add_argument("--swe-layer", type=int, default=12)
+    ap.add_argument("--configs", default=",".join(SWEEP), help="sweep rows to run, in order")
+    ap.add_argument("--val-limit", type=int, default=10, help="validation ids per language")
+    ap.add_argument("--test-limit", type=int, default=40, help="test ids per language")
+    ap.add_argument("--mgsm-langs", default="en,zh")
+    ap.add_argument("--mgsm-limit", type=int, default=20)
+    ap.add_argument("--best", default=None, help="skip the choice: test this sweep row")
+    ap.add_argument("--stage", choices=["sweep", "test", "all"], default="all")
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--threads", type=int, default=None)
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    out = Path(args.output)
+    (out / "deltas").mkdir(parents=True, exist_ok=True)
+    t_all = time.perf_counter()
+    timings: dict[str, float] = {}
+
+    model, tok = load_model(args.model)
+    fit_langs = [x for x in args.fit_langs.split(",") if x]
+    train = load_prompts("multijail", langs=["en", *fit_langs], split="train", label="harmful")
+    harmless_train = load_prompts("builtin:harmless", split="train", label="harmless")
+    all_langs = sorted({p.lang for p in load_prompts("multijail", split="validation", limit=1)})
+    configs = [c for c in args.configs.split(",") if c]
+    unknown = [c for c in configs if c not in SWEEP]
+    if unknown:
+        ap.error(f"unknown sweep rows {unknown}; known: {list(SWEEP)}")
+    sweep_layers = sorted({args.swe_layer, *(l for c in configs for l in SWEEP[c][0].get("layers", []))})
+
+    warmed: set[tuple[str, str]] = set()
+
+    def delta_for(name: str) -> Path:
+        path = out / "deltas" / f"{name}.safetensors"
+        if path.exists():
+            return path
+        over = dict(SWEEP[name][0])
+        over.setdefault("layers", [args.swe_layer])
+        cfg = FitConfig(low_langs=fit_langs, cache_dir=str(out / "stats"), **over)
+        kind = (cfg.target, cfg.position)
+        if kind == ("up", "last") and kind not in warmed:
+            # one forward pass captures every sweep layer (cached per layer); later fits read the cache
+            warm = dataclasses.replace(cfg, layers=sweep_layers, mode="separate", one_pass=True)
+            t0 = time.perf_counter()
+            fit(model, tok, train, harmless_train, warm)
+            timings[f"capture layers {sweep_layers}"] = time.perf_counter() - t0
+            warmed.add(kind)
+        t0 = time.perf_counter()
+        res = fit(model, tok, train, harmless_train, cfg)
+        timings[f"fit {name}"] = time.perf_counter() - t0
+        res.delta.save(path)
+        return path
+
+    summary: dict = {"model": args.model, "fit_langs": fit_langs, "sweep": {}, "timings_s": timings}
+    base_en = None
+    if args.stage in ("sweep", "all"):
+        val = load_prompts("multijail", split="validation", limit=args.val_limit, label="harmful")
+        rows = []
+        for name in ["base", *configs]:
+            t0 = time.perf_counter()
+            variants = {"base": None} if name == "base" else {name: SparseDelta.load(delta_for(name))}
+            res = evaluate(model, tok, val, variants=variants, out_dir=out / "sweep" / name,
+                           batch_size=args.batch_size, progress=True)
+            timings[f"validate {name}"] = time.perf_counter() - t0
+            per = res.variants[name].per_lang()
+            low = [lang for lang in per if lang != "en"]
+            row = {"name": name, "what": "unedited" if name == "base" else SWEEP[name][1],
+                   "en_refusal": per["en"]["refusal_rate"],
+                   "mean_asr_non_en": _mean(per[l]["asr"] for l in low),
+                   "mean_refusal_non_en": _mean(per[l]["refusal_rate"] for l in low),
+                   "mean_invalid_non_en": _mean(per[l]["invalid_rate"] for l in low),
+                   "per_lang": {l: {k: per[l][k] for k in ("refusal_rate", "asr", "invalid_rate", "n")}
+                                for l in per}}
+            rows.append(row)
+            summary["sweep"][name] = row
+            if name == "base":
+                base_en = row["en_refusal"]
+            print(f"[sweep] {name}: en refusal {row['en_refusal']:.2f}, non-en ASR {row['mean_asr_non_en']:.3f}, "
+                  f"non-en refusal {row['mean_refusal_non_en']:.3f}, invalid {row['mean_invalid_non_en']:.3f}",
+                  flush=True)
+            (out / "proof.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False))
+        base = rows[0]
+        lines = [f"Validation split, {args.val_limit} ids per language, {len(all_langs)} languages, keyword judge; "
+                 "ASR = compliance rate; relative = change of the mean non-English ASR vs base.", "",
+                 "| config | what | en refusal | non-en refusal | non-en ASR | relative ASR | non-en invalid |",
+                 "|---|---|---|---|---|---|---|"]
+        for r in rows:
+            rel = (r["mean_asr_non_en"] / base["mean_asr_non_en"] - 1) if base["mean_asr_non_en"] else float("nan")
+            lines.append(f"| {r['name']} | {r['what']} | {r['en_refusal']:.2f} | {r['mean_refusal_non_en']:.3f} | "
+                         f"{r['mean_asr_non_en']:.3f} | {rel:+.0%} | {r['mean_invalid_non_en']:.3f} |")
+        (out / "sweep.md").write_text("\n".join(lines) + "\n")
+        print("\n".join(lines))
+        eligible = [r for r in rows[1:] if r["en_refusal"] >= base_en]
+        best = min(eligible or rows[1:], key=lambda r: (r["mean_asr_non_en"], -r["mean_refusal_non_en"]))
+        summary["best"] = best["name"]
+        print(f"\nbest on validation: {best['name']} ({best['what']})")
+    if args.stage in ("test", "all"):
+        best_name = args.best or summary.get("best")
+        if best_name is None:
+            prev = json.loads((out / "proof.json").read_text()) if (out / "proof.json").exists() else {}
+            best_name = prev.get("best")
+        if best_name is None:
+            ap.error("no best configuration: run the sweep first or give --best")
+        test = load_prompts("multijail", split="test", limit=args.test_limit, label="harmful")
+        variants = {"base": None, "swe": SparseDelta.load(delta_for("swe"))}
+        if best_name != "swe":
+            variants[f"best-{best_name}"] = SparseDelta.load(delta_for(best_name))
+        mgsm_langs = [x for x in args.mgsm_langs.split(",") if x]
+        utility = UtilityOptions(
+            harmless=load_prompts("builtin:harmless", split="test", label="harmless"),
+            mgsm=load_prompts("mgsm", langs=mgsm_langs, split="test", limit=args.mgsm_limit) if mgsm_langs else None)
+        t0 = time.perf_counter()
+        res = evaluate(model, tok, test, variants=variants, out_dir=out / "test", batch_size=args.batch_size,
+                       utility=utility, progress=True)
+        timings["test"] = time.perf_counter() - t0
+        summary["test"] = {name: {"per_lang": v.per_lang(), "utility": v.utility} for name, v in res.variants.items()}
+        summary["best"] = best_name
+        print((out / "test" / "results.md").read_text())
+    timings["total"] = time.perf_counter() - t_all
+    (out / "proof.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False, default=str))
+    print("\nseconds: " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
