@@ -157,44 +157,49 @@ def main(argv=None) -> int:
 
     t_fp = timed(lambda: capture._model_fingerprint(model), args.device, 1)  # unmemoised
     rows = []
+
+    def add_row(row: tuple) -> None:
+        rows.append(row)  # the table prints at the end; a long run shows each row as it lands
+        print(f"[{row[0]}] {row[2]:.3f} s ({row[2] / row[3]:.3f}x plain)", file=sys.stderr, flush=True)
+
     wanted = args.rows.split(",")
     base = timed(lambda: plain_forward(model, tok, groups, batch_size=args.batch_size,
                                        side=args.padding_side), args.device, args.repeats)
-    rows.append(("plain", "forward with logits, all prompts", base, base))
+    add_row(("plain", "forward with logits, all prompts", base, base))
     third = list(range(n_layers // 3, 2 * n_layers // 3))
     if "capture-all" in wanted:
         t = timed(lambda: capture.collect_neuron_stats(model, tok, groups, range(n_layers), cov=False,
                                                        early_stop=False, **kw), args.device, args.repeats)
-        rows.append(("capture-all", f"{n_layers} layers, no XᵀX, no early stop", t, base))
+        add_row(("capture-all", f"{n_layers} layers, no XᵀX, no early stop", t, base))
     if "capture-all-cov" in wanted:
         t = timed(lambda: capture.collect_neuron_stats(model, tok, groups, range(n_layers),
                                                        early_stop=False, **kw), args.device, args.repeats)
-        rows.append(("capture-all-cov", f"{n_layers} layers, XᵀX all layers, no early stop", t, base))
+        add_row(("capture-all-cov", f"{n_layers} layers, XᵀX all layers, no early stop", t, base))
     if "capture-all-es" in wanted:
         t = timed(lambda: capture.collect_neuron_stats(model, tok, groups, range(n_layers), cov=third,
                                                        **kw), args.device, args.repeats)
-        rows.append(("capture-all-es", f"{n_layers} layers, XᵀX layers {third[0]}-{third[-1]}, early stop",
+        add_row(("capture-all-es", f"{n_layers} layers, XᵀX layers {third[0]}-{third[-1]}, early stop",
                      t, base))
     if "capture-mid-es" in wanted:
         t = timed(lambda: capture.collect_neuron_stats(model, tok, groups, [mid], **kw),
                   args.device, args.repeats)
-        rows.append(("capture-mid-es", f"layer {mid}, XᵀX, early stop", t, base))
+        add_row(("capture-mid-es", f"layer {mid}, XᵀX, early stop", t, base))
     if "capture-mid-prefix" in wanted:
         t = timed(lambda: capture.collect_neuron_stats(model, tok, groups, [mid],
                                                        **dict(kw, prefix_reuse=True)),
                   args.device, args.repeats)
-        rows.append(("capture-mid-prefix", f"layer {mid}, XᵀX, early stop, prefix KV reused", t, base))
+        add_row(("capture-mid-prefix", f"layer {mid}, XᵀX, early stop, prefix KV reused", t, base))
     if "pass2-mid" in wanted:
         base_h = timed(lambda: plain_forward(model, tok, harmful_groups, batch_size=args.batch_size,
                                              side=args.padding_side), args.device, args.repeats)
-        rows.append(("plain-harmful", "forward with logits, harmful prompts", base_h, base_h))
+        add_row(("plain-harmful", "forward with logits, harmful prompts", base_h, base_h))
         t = timed(lambda: capture.collect_target_stats(model, tok, harmful, S, proj="both", **kw),
                   args.device, args.repeats)
-        rows.append(("pass2-mid", f"layer {mid}, |S|=64, up+gate, {len(harmful)} langs vs en",
+        add_row(("pass2-mid", f"layer {mid}, |S|=64, up+gate, {len(harmful)} langs vs en",
                      t, base_h))
         t = timed(lambda: capture.collect_parallel_stats(model, tok, harmful, [mid], proj="both",
                                                          **kw), args.device, args.repeats)
-        rows.append(("single-mid", f"layer {mid}, pass-1 stats + full XᵀY (all {model.config.intermediate_size})",
+        add_row(("single-mid", f"layer {mid}, pass-1 stats + full XᵀY (all {model.config.intermediate_size})",
                      t, base_h))
 
     dev = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU x{torch.get_num_threads()} threads"
