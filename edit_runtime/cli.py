@@ -10,6 +10,8 @@ import logging
 import sys
 from typing import Callable, Sequence
 
+from edit_runtime.commands.argtypes import csv_list, int_list
+
 Command = Callable[[argparse.Namespace], int]
 
 
@@ -34,17 +36,6 @@ def _add_models(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_models)
 
 
-def _csv_list(text: str) -> list[str]:
-    return [t.strip() for t in text.split(",") if t.strip()]
-
-
-def _int_list(text: str) -> list[int]:
-    try:
-        return [int(t) for t in _csv_list(text)]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated layer numbers, got {text!r}") from None
-
-
 def _load_split(source: str, langs: list[str] | None, split: str | None, limit: int | None, label: str):
     from edit_runtime.data import load_prompts
 
@@ -65,9 +56,9 @@ def _cmd_fit(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    low = _csv_list(args.harmful_langs)
+    low = csv_list(args.harmful_langs)
     harmful = _load_split(args.harmful, [args.anchor_lang, *low], args.split, args.limit, "harmful")
-    harmless = _load_split(args.harmless, _csv_list(args.harmless_langs) if args.harmless_langs else None,
+    harmless = _load_split(args.harmless, csv_list(args.harmless_langs) if args.harmless_langs else None,
                            args.split, args.limit, "harmless")
     heldout = (_load_split(args.harmful, [args.anchor_lang, *low], "validation", args.limit, "harmful")
                if args.heldout else None)
@@ -97,7 +88,7 @@ def _add_fit(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--anchor-lang", default="en", help="language whose safety response is the target")
     p.add_argument("--harmless", required=True, help="harmless prompts (e.g. builtin:harmless, alpaca)")
     p.add_argument("--harmless-langs", default=None, help="languages of the harmless prompts (default all)")
-    p.add_argument("--layer", required=True, type=_int_list, help="layer(s) to edit, e.g. 20 or 16,20")
+    p.add_argument("--layer", required=True, type=int_list, help="layer(s) to edit, e.g. 20 or 16,20")
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--gamma", type=float, default=1.0, help="weight of the harmless term")
     p.add_argument("--lambda", dest="lam", type=float, default=None, help="ridge (default: scale-aware)")
@@ -128,7 +119,7 @@ def _cmd_neurons(args: argparse.Namespace) -> int:
     from edit_runtime.models import load_model
     from edit_runtime.neurons import ms_neurons, save_jaccard, ss_neurons, swe_neurons
 
-    langs = _csv_list(args.langs)
+    langs = csv_list(args.langs)
     harmful = _load_split(args.harmful, langs, args.split, args.limit, "harmful")
     harmless = _load_split(args.harmless, langs, args.split, args.limit, "harmless")
     model, tok = load_model(args.model)
@@ -163,7 +154,7 @@ def _add_neurons(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--harmless", required=True)
     p.add_argument("--langs", required=True, help="e.g. en,zh,vi,th,bn")
     p.add_argument("--anchor-lang", default="en")
-    p.add_argument("--layers", required=True, type=_int_list)
+    p.add_argument("--layers", required=True, type=int_list)
     p.add_argument("--position", choices=["last", "mean"], default="last")
     p.add_argument("--activation", choices=["up", "gate", "h", "up_or_gate"], default="up")
     p.add_argument("--z-threshold", type=float, default=2.0)

@@ -389,7 +389,7 @@ def evaluate(model: Any, tokenizer: Any, prompts: Sequence[Any], *,
     """
     from edit_runtime import judge as judge_mod
     from edit_runtime.data import SPLIT_BOUNDS, SPLIT_SALT
-    from edit_runtime.generation import generate_to_jsonl
+    from edit_runtime.generation import check_positive_int, generate_to_jsonl
     from edit_runtime.patch import patch_model
 
     prompts = list(prompts)
@@ -398,8 +398,7 @@ def evaluate(model: Any, tokenizer: Any, prompts: Sequence[Any], *,
     if max_new_tokens is not None and (isinstance(max_new_tokens, bool)
                                        or not isinstance(max_new_tokens, int) or max_new_tokens < 1):
         raise ValueError(f"max_new_tokens must be a positive int or None, got {max_new_tokens!r}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    check_positive_int("batch_size", batch_size)
     variants = dict(variants) if variants is not None else {"base": None}
     if not variants:
         raise ValueError("variants is empty; give at least {'base': None}")

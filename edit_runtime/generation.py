@@ -79,7 +79,8 @@ class Generation(tuple):
 # argument checks
 # --------------------------------------------------------------------------------------------
 
-def _positive_int(name: str, v: Any) -> int:
+def check_positive_int(name: str, v: Any) -> int:
+    """``v`` if it is an int ≥ 1 (bools refused), else ``ValueError`` naming ``name``."""
     if isinstance(v, bool) or not isinstance(v, int) or v < 1:
         raise ValueError(f"{name} must be a positive int, got {v!r}")
     return v
@@ -97,7 +98,7 @@ def _texts(texts: Any) -> list[str]:
 
 def _budgets(max_new_tokens: int | Sequence[int], n: int) -> list[int]:
     if isinstance(max_new_tokens, int) and not isinstance(max_new_tokens, bool):
-        return [_positive_int("max_new_tokens", max_new_tokens)] * n
+        return [check_positive_int("max_new_tokens", max_new_tokens)] * n
     try:
         budgets = list(max_new_tokens)  # type: ignore[arg-type]
     except TypeError:
@@ -105,7 +106,7 @@ def _budgets(max_new_tokens: int | Sequence[int], n: int) -> list[int]:
                          f"{max_new_tokens!r}") from None
     if len(budgets) != n:
         raise ValueError(f"max_new_tokens has {len(budgets)} entries for {n} texts")
-    return [_positive_int(f"max_new_tokens[{i}]", b) for i, b in enumerate(budgets)]
+    return [check_positive_int(f"max_new_tokens[{i}]", b) for i, b in enumerate(budgets)]
 
 
 # --------------------------------------------------------------------------------------------
@@ -251,7 +252,7 @@ def generate_detailed(model: Any, tokenizer: Any, texts: Sequence[str], *,
     """:func:`generate_responses` returning ``Generation(text, n_tokens, finish_reason)``."""
     texts = _texts(texts)
     budgets = _budgets(max_new_tokens, len(texts))
-    _positive_int("batch_size", batch_size)
+    check_positive_int("batch_size", batch_size)
     out: list[Generation | None] = [None] * len(texts)
     for results in _iter_generate(model, tokenizer, texts, budgets, batch_size=batch_size,
                                   system_prompt=system_prompt, chat=chat, progress=progress,
@@ -374,7 +375,7 @@ def generate_to_jsonl(model: Any, tokenizer: Any, prompts: Sequence[Any], path: 
                                 f"{type(p).__name__}")
     if not isinstance(variant, str) or not variant:
         raise ValueError(f"variant must be a non-empty string, got {variant!r}")
-    _positive_int("batch_size", batch_size)
+    check_positive_int("batch_size", batch_size)
     if max_new_tokens is None:
         budgets = [int(min_new_tokens_for(p.lang)) for p in prompts]
     else:

@@ -391,9 +391,10 @@ def _group(prompts: Iterable[Prompt], what: str) -> dict[str, list[Prompt]]:
 
 
 def _check_positive(**kw: Any) -> None:
+    from edit_runtime.generation import check_positive_int
+
     for name, v in kw.items():
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"{name} must be a positive int, got {v!r}")
+        check_positive_int(name, v)
 
 
 def _device(model: Any):

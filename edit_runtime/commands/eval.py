@@ -19,21 +19,9 @@ from __future__ import annotations
 
 import argparse
 
+from edit_runtime.commands.argtypes import csv_list, positive_int
+
 UTILITY_METRICS = ("mgsm", "xcopa", "over-refusal", "kl")
-
-
-def _csv(text: str) -> list[str]:
-    return [t.strip() for t in text.split(",") if t.strip()]
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
 
 
 def _delta_spec(text: str) -> tuple[str | None, str]:
@@ -48,7 +36,7 @@ def _delta_spec(text: str) -> tuple[str | None, str]:
 
 
 def _utility_list(text: str) -> list[str]:
-    items = _csv(text)
+    items = csv_list(text)
     bad = [m for m in items if m not in UTILITY_METRICS]
     if bad:
         raise argparse.ArgumentTypeError(f"unknown utility metric(s) {bad}; choose from "
@@ -60,20 +48,20 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="short name, HF folder, .gguf file or hub id")
     p.add_argument("--data", required=True,
                    help="harmful prompts: multijail, builtin:harmful, a CSV/JSONL path, hf:<id>")
-    p.add_argument("--langs", type=_csv, default=None,
+    p.add_argument("--langs", type=csv_list, default=None,
                    help="comma-separated languages, e.g. en,zh,vi,bn (default: all of the data)")
     p.add_argument("--split", default="test",
                    help="split of the prompts to evaluate: test (default), validation, train, all")
-    p.add_argument("--limit", type=_positive, default=None,
+    p.add_argument("--limit", type=positive_int, default=None,
                    help="at most this many prompt ids per language (quick runs)")
-    p.add_argument("--max-new-tokens", type=_positive, default=None,
+    p.add_argument("--max-new-tokens", type=positive_int, default=None,
                    help="new tokens per response (default: per language, enough for a refusal "
                         "to appear: 64 for en/zh, 192 for bn; see edit_runtime.judge)")
-    p.add_argument("--batch-size", type=_positive, default=8)
+    p.add_argument("--batch-size", type=positive_int, default=8)
     p.add_argument("--system-prompt", default=None)
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:0, ...")
-    p.add_argument("--threads", type=_positive, default=None, help="torch intra-op threads")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch intra-op threads")
     p.add_argument("--seed", type=int, default=0, help="bootstrap (and random control) seed")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("-o", "--output", required=True, help="output folder")
@@ -84,7 +72,7 @@ def _add_causal_source(p: argparse.ArgumentParser, prefix: str) -> None:
                    help="harmless prompts to find the neurons with (default builtin:harmless)")
     p.add_argument(f"--{prefix}neuron-split", dest="neuron_split", default="train",
                    help="split of harmful and harmless prompts used to find the neurons (train)")
-    p.add_argument(f"--{prefix}neuron-limit", dest="neuron_limit", type=_positive, default=None,
+    p.add_argument(f"--{prefix}neuron-limit", dest="neuron_limit", type=positive_int, default=None,
                    help="at most this many ids per language to find the neurons")
     p.add_argument(f"--{prefix}neurons-file", dest="neurons_file", default=None,
                    help="NeuronSets JSON from `edit-runtime neurons` instead of computing them")
@@ -113,9 +101,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--mgsm", default="mgsm", help="MGSM source (default: shared data mgsm)")
     p.add_argument("--xcopa", default="xcopa", help="XCOPA source (default: shared data xcopa)")
     p.add_argument("--utility-split", default="test", help="split of the utility prompts (test)")
-    p.add_argument("--utility-limit", type=_positive, default=None,
+    p.add_argument("--utility-limit", type=positive_int, default=None,
                    help="at most this many ids per language and utility set (default --limit)")
-    p.add_argument("--mgsm-max-new-tokens", type=_positive, default=256)
+    p.add_argument("--mgsm-max-new-tokens", type=positive_int, default=256)
     p.add_argument("--neurons", default=None,
                    help="NeuronSets JSON (from `edit-runtime neurons`) for the Jaccard heatmap")
     p.add_argument("--causal-layer", type=int, default=None,
@@ -134,7 +122,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--neurons", choices=["en", "ss"], default="en",
                    help="English SWE safety neurons (en, default) or SSN shared safety neurons (ss)")
     c.add_argument("--alpha", type=float, default=2.0, help="amplification factor α (default 2)")
-    c.add_argument("--factors", type=lambda s: [float(x) for x in _csv(s)], default=None,
+    c.add_argument("--factors", type=lambda s: [float(x) for x in csv_list(s)], default=None,
                    help="explicit comma-separated factors instead of 0,α")
     _add_causal_source(c, "")
     c.set_defaults(func=run_causal)

@@ -14,15 +14,7 @@ from __future__ import annotations
 
 import argparse
 
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
+from edit_runtime.commands.argtypes import positive_int
 
 
 def _fraction(text: str) -> float:
@@ -43,7 +35,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     peft = kinds.add_parser("peft", help="PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors)")
     _common(peft)
-    peft.add_argument("--max-rank", type=_positive, default=None,
+    peft.add_argument("--max-rank", type=positive_int, default=None,
                       help="truncate modules of higher rank by exact SVD (reports the relative Frobenius error)")
     peft.add_argument("--max-rel-error", type=_fraction, default=None,
                       help="refuse a truncation whose relative Frobenius error exceeds this (e.g. 0.01)")

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 
+from edit_runtime.commands.argtypes import positive_int
+
 
 def _delta_spec(text: str) -> tuple[str, str]:
     name, sep, path = text.partition("=")
@@ -21,16 +23,6 @@ def _delta_spec(text: str) -> tuple[str, str]:
     if "+" in name:
         raise argparse.ArgumentTypeError(f"delta name {name!r} must not contain '+'")
     return name, path
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -46,14 +38,14 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="name of the base model in requests (default: the model's short name)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--max-batch-size", type=_positive, default=8, help="sequences decoded together")
-    p.add_argument("--max-queue", type=_positive, default=64, help="waiting requests before 503 queue_full")
-    p.add_argument("--max-model-len", type=_positive, default=None,
+    p.add_argument("--max-batch-size", type=positive_int, default=8, help="sequences decoded together")
+    p.add_argument("--max-queue", type=positive_int, default=64, help="waiting requests before 503 queue_full")
+    p.add_argument("--max-model-len", type=positive_int, default=None,
                    help="prompt + completion tokens (default: the model's max_position_embeddings)")
-    p.add_argument("--max-tokens-limit", type=_positive, default=2048, help="largest max_tokens a request may ask")
+    p.add_argument("--max-tokens-limit", type=positive_int, default=2048, help="largest max_tokens a request may ask")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:0, ...")
-    p.add_argument("--threads", type=_positive, default=None, help="torch intra-op threads")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch intra-op threads")
     p.add_argument("--no-check-fingerprint", action="store_true",
                    help="accept deltas whose base-model fingerprint does not match")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])

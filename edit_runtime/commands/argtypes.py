@@ -1,0 +1,30 @@
+"""Argument types shared by the ``edit-runtime`` sub-commands (argparse ``type=`` callables)."""
+from __future__ import annotations
+
+import argparse
+
+__all__ = ["csv_list", "int_list", "positive_int"]
+
+
+def csv_list(text: str) -> list[str]:
+    """``"en, zh,,vi"`` -> ``["en", "zh", "vi"]``."""
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def int_list(text: str) -> list[int]:
+    """``"16,20"`` -> ``[16, 20]`` (layer numbers)."""
+    try:
+        return [int(t) for t in csv_list(text)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated layer numbers, got {text!r}") from None
+
+
+def positive_int(text: str) -> int:
+    """An int ≥ 1, or a clear argparse error."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
