@@ -241,6 +241,11 @@ def _validation_error(exc: ValidationError | RequestValidationError) -> RequestE
                         param=param, code="invalid_value")
 
 
+def _usage(event: Finished) -> Usage:
+    return Usage(prompt_tokens=event.prompt_tokens, completion_tokens=event.completion_tokens,
+                 total_tokens=event.prompt_tokens + event.completion_tokens)
+
+
 def _sse(payload: Any) -> str:
     text = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
     return f"data: {text}\n\n"
@@ -311,7 +316,20 @@ def create_app(engine: ServingEngine, *, manage_engine: bool = False, max_reques
         except ValidationError as exc:
             raise _validation_error(exc) from None
 
-    async def wait_final(request: Request, sink: _AsyncSink, request_id: str) -> Finished | Failed:
+    async def wait_final(request: Request, sink: _AsyncSink, request_id: str) -> Finished | Response:
+        """The finished non-streaming request, or the response to send instead: a failure body,
+        or 499 when the client went away (its request is cancelled in the engine)."""
+        try:
+            event = await _wait_last_event(request, sink)
+        except _ClientGone:
+            engine.cancel(request_id)
+            return Response(status_code=499)
+        except BaseException:
+            engine.cancel(request_id)
+            raise
+        return _failure_response(event.error, request_id) if isinstance(event, Failed) else event
+
+    async def _wait_last_event(request: Request, sink: _AsyncSink) -> Finished | Failed:
         """Waits for the last event of a non-streaming request, watching for a disconnect."""
         getter: asyncio.Future | None = None
         next_poll = time.monotonic() + _DISCONNECT_POLL_S
@@ -349,6 +367,27 @@ def create_app(engine: ServingEngine, *, manage_engine: bool = False, max_reques
         sink = _AsyncSink(loop)
         engine.submit(prompt_ids, params, sink, model=body.model, request_id=request_id)
         return sink
+
+    async def sse_events(sink: _AsyncSink, request_id: str, finished: list[bool], *, opening: str | None,
+                         text_chunk: Callable[[str], str],
+                         final_chunks: Callable[[Finished], list[str]]) -> AsyncIterator[str]:
+        """The SSE lines of one streamed request: ``opening``, a chunk per text delta, then the
+        final chunks and ``[DONE]`` (or an error body). Sets ``finished[0]`` at the last event."""
+        if opening is not None:
+            yield opening
+        while True:
+            event = await sink.queue.get()
+            if isinstance(event, TextDelta):
+                yield text_chunk(event.text)
+                continue
+            finished[0] = True
+            if isinstance(event, Failed):
+                yield _sse(json.loads(_failure_response(event.error, request_id).body))
+                return
+            for line in final_chunks(event):
+                yield line
+            yield _sse("[DONE]")
+            return
 
     def stream_response(request_id: str, events: AsyncIterator[str], finished: list[bool]) -> StreamingResponse:
         class _Stream(StreamingResponse):
@@ -400,19 +439,10 @@ def create_app(engine: ServingEngine, *, manage_engine: bool = False, max_reques
             return _error_response(exc)
 
         if not body.stream:
-            try:
-                event = await wait_final(request, sink, request_id)
-            except _ClientGone:
-                engine.cancel(request_id)
-                return Response(status_code=499)
-            except BaseException:
-                engine.cancel(request_id)
-                raise
-            if isinstance(event, Failed):
-                return _failure_response(event.error, request_id)
-            usage = Usage(prompt_tokens=event.prompt_tokens, completion_tokens=event.completion_tokens,
-                          total_tokens=event.prompt_tokens + event.completion_tokens)
-            out = ChatCompletion(id=request_id, model=body.model, usage=usage, choices=[
+            event = await wait_final(request, sink, request_id)
+            if isinstance(event, Response):
+                return event
+            out = ChatCompletion(id=request_id, model=body.model, usage=_usage(event), choices=[
                 ChatChoice(message=ChatCompletionMessage(content=event.text), finish_reason=event.finish_reason)])
             return JSONResponse(out.model_dump())
 
@@ -425,28 +455,16 @@ def create_app(engine: ServingEngine, *, manage_engine: bool = False, max_reques
                                             choices=[ChatChunkChoice(delta=delta, finish_reason=finish)])
                         .model_dump())
 
-        async def events() -> AsyncIterator[str]:
-            yield chunk(ChatDelta(role="assistant", content=""))
-            while True:
-                event = await sink.queue.get()
-                if isinstance(event, TextDelta):
-                    yield chunk(ChatDelta(content=event.text))
-                    continue
-                finished[0] = True
-                if isinstance(event, Failed):
-                    resp = _failure_response(event.error, request_id)
-                    yield _sse(json.loads(resp.body))
-                    return
-                yield chunk(ChatDelta(), event.finish_reason)
-                if include_usage:
-                    usage = Usage(prompt_tokens=event.prompt_tokens, completion_tokens=event.completion_tokens,
-                                  total_tokens=event.prompt_tokens + event.completion_tokens)
-                    yield _sse(ChatCompletionChunk(id=request_id, model=body.model, created=now, choices=[],
-                                                   usage=usage).model_dump())
-                yield _sse("[DONE]")
-                return
+        def final_chunks(event: Finished) -> list[str]:
+            lines = [chunk(ChatDelta(), event.finish_reason)]
+            if include_usage:
+                lines.append(_sse(ChatCompletionChunk(id=request_id, model=body.model, created=now, choices=[],
+                                                      usage=_usage(event)).model_dump()))
+            return lines
 
-        return stream_response(request_id, events(), finished)
+        events = sse_events(sink, request_id, finished, opening=chunk(ChatDelta(role="assistant", content="")),
+                            text_chunk=lambda text: chunk(ChatDelta(content=text)), final_chunks=final_chunks)
+        return stream_response(request_id, events, finished)
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
@@ -463,19 +481,10 @@ def create_app(engine: ServingEngine, *, manage_engine: bool = False, max_reques
             return _error_response(exc)
 
         if not body.stream:
-            try:
-                event = await wait_final(request, sink, request_id)
-            except _ClientGone:
-                engine.cancel(request_id)
-                return Response(status_code=499)
-            except BaseException:
-                engine.cancel(request_id)
-                raise
-            if isinstance(event, Failed):
-                return _failure_response(event.error, request_id)
-            usage = Usage(prompt_tokens=event.prompt_tokens, completion_tokens=event.completion_tokens,
-                          total_tokens=event.prompt_tokens + event.completion_tokens)
-            out = Completion(id=request_id, model=body.model, usage=usage,
+            event = await wait_final(request, sink, request_id)
+            if isinstance(event, Response):
+                return event
+            out = Completion(id=request_id, model=body.model, usage=_usage(event),
                              choices=[CompletionChoice(text=event.text, finish_reason=event.finish_reason)])
             return JSONResponse(out.model_dump())
 
@@ -487,26 +496,14 @@ def create_app(engine: ServingEngine, *, manage_engine: bool = False, max_reques
             return _sse(Completion(id=request_id, model=body.model, created=now,
                                    choices=[CompletionChoice(text=text, finish_reason=finish)]).model_dump())
 
-        async def events() -> AsyncIterator[str]:
-            while True:
-                event = await sink.queue.get()
-                if isinstance(event, TextDelta):
-                    yield chunk(event.text)
-                    continue
-                finished[0] = True
-                if isinstance(event, Failed):
-                    resp = _failure_response(event.error, request_id)
-                    yield _sse(json.loads(resp.body))
-                    return
-                yield chunk("", event.finish_reason)
-                if include_usage:
-                    usage = Usage(prompt_tokens=event.prompt_tokens, completion_tokens=event.completion_tokens,
-                                  total_tokens=event.prompt_tokens + event.completion_tokens)
-                    yield _sse(Completion(id=request_id, model=body.model, created=now, choices=[],
-                                          usage=usage).model_dump())
-                yield _sse("[DONE]")
-                return
+        def final_chunks(event: Finished) -> list[str]:
+            lines = [chunk("", event.finish_reason)]
+            if include_usage:
+                lines.append(_sse(Completion(id=request_id, model=body.model, created=now, choices=[],
+                                             usage=_usage(event)).model_dump()))
+            return lines
 
-        return stream_response(request_id, events(), finished)
+        events = sse_events(sink, request_id, finished, opening=None, text_chunk=chunk, final_chunks=final_chunks)
+        return stream_response(request_id, events, finished)
 
     return app

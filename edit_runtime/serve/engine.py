@@ -830,12 +830,7 @@ class ServingEngine:
         greedy = logits.argmax(dim=-1).tolist()
         out = {}
         for i, seq in enumerate(seqs):
-            try:
-                token = greedy[i] if seq.generator is None else self._sample_row(logits[i], seq)
-                self._advance(seq, token)
-            except Exception as exc:  # noqa: BLE001 - one request's failure stays its own
-                log.exception("request %s failed while processing its first token", seq.request_id)
-                self._deliver_failure(seq, exc)
+            if not self._take_token(seq, greedy[i], logits[i], "its first token"):
                 continue
             if not seq.done:
                 out[seq] = [(k[i:i + 1, :, :lens[i]], v[i:i + 1, :, :lens[i]]) for k, v in layers]
@@ -904,12 +899,7 @@ class ServingEngine:
         for i, seq in enumerate(rows):
             if seq.done:
                 continue
-            try:
-                token = greedy[i] if seq.generator is None else self._sample_row(logits[i], seq)
-                self._advance(seq, token)
-            except Exception as exc:  # noqa: BLE001 - one request's failure stays its own
-                log.exception("request %s failed while processing its token", seq.request_id)
-                self._deliver_failure(seq, exc)
+            self._take_token(seq, greedy[i], logits[i], "its token")
         with self.metrics.lock:
             self.metrics.counters["decode_steps"] += 1
             self.metrics.batch_size.observe(B)
@@ -917,6 +907,18 @@ class ServingEngine:
         self._reshape([s for s in rows if not s.done], {})
 
     # -- per-row work ------------------------------------------------------------------------
+    def _take_token(self, seq: _Sequence, greedy_token: int, logits_row: Any, what: str) -> bool:
+        """Picks ``seq``'s next token (greedy, or sampled from its logits row) and advances it;
+        a failure fails that request only. True when it advanced."""
+        try:
+            token = greedy_token if seq.generator is None else self._sample_row(logits_row, seq)
+            self._advance(seq, token)
+        except Exception as exc:  # noqa: BLE001 - one request's failure stays its own
+            log.exception("request %s failed while processing %s", seq.request_id, what)
+            self._deliver_failure(seq, exc)
+            return False
+        return True
+
     def _sample_row(self, logits: "torch.Tensor", seq: _Sequence) -> int:
         """Temperature / top-p sampling of one row ``(V,)`` with the sequence's generator."""
         torch = self._torch
