@@ -40,3 +40,15 @@ def qwen():
     from edit_runtime.models import load_model
 
     return load_model("qwen2.5-coder-0.5b-instruct")
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op thread while a module's tests run (restored after); modules opt in with
+    ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``. Small generate() steps gain
+    nothing from a second thread, and where a module runs an engine thread, an event loop and
+    client threads on the two cores, OpenMP threads spinning against them cost 3-10x."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -14,15 +14,8 @@ from edit_runtime.patch import patch_model, patched_modules
 from tiny_models import D_FF, make_tiny_model, tiny_input_ids
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small generate() steps gain nothing from a second thread, and on a shared, busy machine
-    two spinning OpenMP threads per process slow these tests tenfold; the CLI's --threads 1 is
-    undone here too."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# the CLI's --threads 1 is undone after the module too
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _logits(model, ids):

@@ -12,15 +12,8 @@ from edit_runtime.generation import (_plan, generate_detailed, generate_response
 from tiny_models import make_tiny_model
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small generate() steps gain nothing from a second thread, and on a shared, busy machine
-    two spinning OpenMP threads per process slow these tests tenfold; the CLI's --threads 1 is
-    undone here too."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# the CLI's --threads 1 is undone after the module too
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -42,17 +42,9 @@ from edit_runtime.serve.engine import (  # noqa: E402
     _safe_length,
 )
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """One intra-op thread while these tests run: the engine thread shares the two cores with the
-    event loop and the client threads, and OpenMP threads spinning against them cost ~3x here."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.", "Hi"]
 RAW = "The capital of France is"  # a raw completion prompt

@@ -27,17 +27,9 @@ from edit_runtime.patch import patch_model, patched_modules  # noqa: E402
 from edit_runtime.serve.app import create_app  # noqa: E402
 from edit_runtime.serve.engine import EngineConfig, ServingEngine  # noqa: E402
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """One intra-op thread while these tests run: the engine thread shares the two cores with the
-    event loop and the client threads, and OpenMP threads spinning against them cost ~3x here."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 BASE = "smollm2"
 EDITED = f"{BASE}+safety"
