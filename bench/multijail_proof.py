@@ -77,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--test-limit", type=int, default=40, help="test ids per language")
     ap.add_argument("--mgsm-langs", default="en,zh")
     ap.add_argument("--mgsm-limit", type=int, default=20)
+    ap.add_argument("--harmless-limit", type=int, default=None,
+                    help="harmless test ids per language for over-refusal and KL (default: all)")
     ap.add_argument("--best", default=None, help="skip the choice: test this sweep row")
     ap.add_argument("--stage", choices=["sweep", "test", "all"], default="all")
     ap.add_argument("--batch-size", type=int, default=16)
@@ -125,6 +127,13 @@ def main(argv: list[str] | None = None) -> int:
         return path
 
     summary: dict = {"model": args.model, "fit_langs": fit_langs, "sweep": {}, "timings_s": timings}
+    if args.stage == "test" and (out / "proof.json").exists():
+        # a test-only rerun keeps the sweep's rows, choice and timings
+        prev = json.loads((out / "proof.json").read_text())
+        summary["sweep"] = prev.get("sweep", {})
+        if "best" in prev:
+            summary["best"] = prev["best"]
+        timings.update({k: v for k, v in prev.get("timings_s", {}).items() if k != "total"})
     base_en = None
     if args.stage in ("sweep", "all"):
         val = load_prompts("multijail", split="validation", limit=args.val_limit, label="harmful")
@@ -166,12 +175,10 @@ def main(argv: list[str] | None = None) -> int:
         eligible = [r for r in rows[1:] if r["en_refusal"] >= base_en]
         best = min(eligible or rows[1:], key=lambda r: (r["mean_asr_non_en"], -r["mean_refusal_non_en"]))
         summary["best"] = best["name"]
+        (out / "proof.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False))
         print(f"\nbest on validation: {best['name']} ({best['what']})")
     if args.stage in ("test", "all"):
         best_name = args.best or summary.get("best")
-        if best_name is None:
-            prev = json.loads((out / "proof.json").read_text()) if (out / "proof.json").exists() else {}
-            best_name = prev.get("best")
         if best_name is None:
             ap.error("no best configuration: run the sweep first or give --best")
         test = load_prompts("multijail", split="test", limit=args.test_limit, label="harmful")
@@ -180,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
             variants[f"best-{best_name}"] = SparseDelta.load(delta_for(best_name))
         mgsm_langs = [x for x in args.mgsm_langs.split(",") if x]
         utility = UtilityOptions(
-            harmless=load_prompts("builtin:harmless", split="test", label="harmless"),
+            harmless=load_prompts("builtin:harmless", split="test", label="harmless", limit=args.harmless_limit),
             mgsm=load_prompts("mgsm", langs=mgsm_langs, split="test", limit=args.mgsm_limit) if mgsm_langs else None)
         t0 = time.perf_counter()
         res = evaluate(model, tok, test, variants=variants, out_dir=out / "test", batch_size=args.batch_size,
