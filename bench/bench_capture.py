@@ -236,14 +236,13 @@ def fit_breakdown(model, tok, args) -> int:
     safe = split("builtin:harmless", None, None, "harmless")
     bs = args.batch_size if args.batch_size != 32 else 8  # the fit's default batch
     par = capture.align_parallel(harm, anchor_lang="en")
-    enc = {lang: [len(s) for s in capture.encode_prompts(tok, [p.text for p in v if p])]
-           for lang, v in par.items()}
+    seqs = {lang: capture.encode_prompts(tok, [p.text for p in v if p]) for lang, v in par.items()}
+    enc = {lang: [len(s) for s in v] for lang, v in seqs.items()}
     enc_safe: dict = {}
     for p in safe:
         enc_safe.setdefault(p.lang, []).append(p.text)
     enc_safe = {lang: [len(s) for s in capture.encode_prompts(tok, v)] for lang, v in enc_safe.items()}
-    all_seqs = [s for v in par.values() for s in capture.encode_prompts(tok, [p.text for p in v if p])]
-    P = capture._shared_prefix_len(all_seqs)
+    P = capture._shared_prefix_len([s for v in seqs.values() for s in v])
     print(f"\nMultiJail train split: {len(par['en'])} ids x {len(par)} languages = "
           f"{sum(map(len, enc.values()))} harmful prompts; {sum(map(len, enc_safe.values()))} harmless "
           f"prompts ({len(enc_safe)} languages); shared chat-template prefix {P} tokens\n")

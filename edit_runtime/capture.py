@@ -735,6 +735,37 @@ class _Batch:
         return int(self.input_ids.numel())
 
 
+def _mlp_shape(parts: Mapping[int, "_LayerParts"]) -> tuple[int, int]:
+    """``(d_model, d_ff)`` shared by the layers of ``parts`` (one recorder holds one shape)."""
+    shapes = {(p.d_model, p.d_ff) for p in parts.values()}
+    if len(shapes) != 1:
+        raise ValueError(f"layers {sorted(parts)} have different MLP shapes {sorted(shapes)}; "
+                         "capture them in separate calls")
+    return shapes.pop()
+
+
+def _base_meta(model: nn.Module, *, position: str, stat_dtype: torch.dtype,
+               system_prompt: str | None, chat_template: bool) -> dict[str, Any]:
+    """What every statistics file records and keys its cache on, besides the layer and data."""
+    return {"position": position, "model_fingerprint": model_fingerprint(model),
+            "patch_fingerprint": patch_fingerprint(model), "model_dtype": _model_dtype(model),
+            "stat_dtype": _dtype_name(stat_dtype), "system_prompt": system_prompt,
+            "chat_template": chat_template}
+
+
+def _cov_layer_set(cov: bool | Iterable[int], layers: Sequence[int]) -> set[int]:
+    """The layers that get ``XᵀX``: all (True), none (False) or the given ones (among ``layers``)."""
+    out = set(layers) if cov is True else set() if cov is False else {int(l) for l in cov}
+    if not out <= set(layers):
+        raise ValueError(f"cov layers {sorted(out - set(layers))} are not among layers {layers}")
+    return out
+
+
+def _down_col_norms(parts: Mapping[int, "_LayerParts"], dtype: torch.dtype) -> dict[int, torch.Tensor]:
+    """``{layer: ||W_down[:, j]||}`` (d_ff,) on CPU, for SSN's importance."""
+    return {l: _base_weight(p.down).detach().double().norm(dim=0).to(dtype).cpu() for l, p in parts.items()}
+
+
 def _pad_id(tokenizer: Any) -> int:
     for attr in ("pad_token_id", "eos_token_id", "unk_token_id"):
         v = getattr(tokenizer, attr, None)
@@ -962,11 +993,7 @@ class _Recorder:
         self.acts = tuple(acts)
         self.early_stop = early_stop
         self.parts = {l: parts[l] if parts is not None else _parts(model, l) for l in self.layers}
-        shapes = {(p.d_model, p.d_ff) for p in self.parts.values()}
-        if len(shapes) != 1:
-            raise ValueError(f"layers {self.layers} have different MLP shapes {sorted(shapes)}; "
-                             "capture them in separate calls")
-        self.d_model, self.d_ff = shapes.pop()
+        self.d_model, self.d_ff = _mlp_shape(self.parts)
         self.slot = {l: i for i, l in enumerate(self.layers)}
         self.act_index = {a: k for k, a in enumerate(self.acts)}
         w = _base_weight(self.parts[self.layers[0]].down)
@@ -1481,20 +1508,12 @@ def collect_neuron_stats(
     side = padding_side or getattr(tokenizer, "padding_side", None) or "left"
     device = _input_device(model)
     pad_id = _pad_id(tokenizer)
-    fingerprint = model_fingerprint(model)
-    patched = patch_fingerprint(model)
-    model_dtype = _model_dtype(model)
     parts = {l: _parts(model, l) for l in layers}
-    cov_layers = set(layers) if cov is True else set() if cov is False else {int(l) for l in cov}
-    if not cov_layers <= set(layers):
-        raise ValueError(f"cov layers {sorted(cov_layers - set(layers))} are not among layers {layers}")
-    down_norm = {l: _base_weight(p.down).detach().double().norm(dim=0).to(stat_dtype).cpu()
-                 for l, p in parts.items()}
+    cov_layers = _cov_layer_set(cov, layers)
+    down_norm = _down_col_norms(parts, stat_dtype)
     cache = Path(cache_dir) if cache_dir is not None else None
-    base_meta = {"position": position, "model_fingerprint": fingerprint,
-                 "patch_fingerprint": patched, "model_dtype": model_dtype,
-                 "stat_dtype": _dtype_name(stat_dtype), "system_prompt": system_prompt,
-                 "chat_template": chat_template}
+    base_meta = _base_meta(model, position=position, stat_dtype=stat_dtype,
+                           system_prompt=system_prompt, chat_template=chat_template)
     meta = {l: dict(base_meta, d_model=parts[l].d_model, d_ff=parts[l].d_ff, cov=l in cov_layers)
             for l in layers}
     G = len(keys_g)
@@ -1768,7 +1787,8 @@ def _parallel_pass(model: nn.Module, enc: Mapping[str, Sequence[list[int] | None
 
 def _parallel_setup(model: nn.Module, tokenizer: Any, parallel: Any, anchor_lang: str,
                     langs: Sequence[str] | None, *, system_prompt: str | None, chat_template: bool,
-                    max_length: int | None) -> tuple[list[str], dict[str, list[list[int] | None]]]:
+                    max_length: int | None) -> tuple[list[str], dict[str, list[list[int] | None]], str]:
+    """``(langs, {lang: token ids per id or None}, data hash)`` of parallel prompts."""
     par = _normalise_parallel(parallel, anchor_lang)
     langs = list(par) if langs is None else list(dict.fromkeys(langs))
     for lang in langs:
@@ -1786,7 +1806,7 @@ def _parallel_setup(model: nn.Module, tokenizer: Any, parallel: Any, anchor_lang
         enc[lang] = col
     if not any(s is not None for s in enc[anchor_lang]):
         raise ValueError("no aligned rows: every anchor prompt is missing")
-    return langs, enc
+    return langs, enc, _token_hash(anchor_lang, langs, list(enc.values()))
 
 
 def _cov_result(acc: _ParallelAccum, li_langs: Sequence[str], l: int, S: torch.Tensor, proj: str,
@@ -1848,20 +1868,17 @@ def collect_target_stats(
         raise ValueError(f"proj must be one of {PROJS}, got {proj!r}")
     if position not in POSITIONS:
         raise ValueError(f"position must be one of {POSITIONS}, got {position!r}")
-    langs, enc = _parallel_setup(model, tokenizer, parallel, anchor_lang, langs,
-                                 system_prompt=system_prompt, chat_template=chat_template,
-                                 max_length=max_length)
+    langs, enc, data_hash = _parallel_setup(model, tokenizer, parallel, anchor_lang, langs,
+                                            system_prompt=system_prompt, chat_template=chat_template,
+                                            max_length=max_length)
     if not neurons:
         raise ValueError("neurons is empty: give {layer: neuron indices}")
     layers = _check_layers(model, neurons)
     parts = {l: _parts(model, l) for l in layers}
     S = _check_neurons({int(l): s for l, s in neurons.items()}, {l: p.d_ff for l, p in parts.items()})
     side = padding_side or getattr(tokenizer, "padding_side", None) or "left"
-    meta = {"position": position, "model_fingerprint": model_fingerprint(model),
-            "patch_fingerprint": patch_fingerprint(model), "model_dtype": _model_dtype(model),
-            "stat_dtype": _dtype_name(stat_dtype), "system_prompt": system_prompt,
-            "chat_template": chat_template}
-    data_hash = _token_hash(anchor_lang, langs, [enc[lang] for lang in dict.fromkeys([anchor_lang, *langs])])
+    meta = _base_meta(model, position=position, stat_dtype=stat_dtype, system_prompt=system_prompt,
+                      chat_template=chat_template)
     cache = Path(cache_dir) if cache_dir is not None else None
     keys = {l: _token_hash(COV_FORMAT, FORMAT_VERSION, meta, l, proj, anchor_lang,
                            S[l].tolist(), data_hash) for l in layers}
@@ -1880,9 +1897,6 @@ def collect_target_stats(
         todo.append(l)
     if not todo:
         return {l: results[l] for l in layers}
-    for l in todo:  # one recorder: every layer of a call has the same MLP shape
-        if (parts[l].d_model, parts[l].d_ff) != (parts[todo[0]].d_model, parts[todo[0]].d_ff):
-            raise ValueError(f"layers {todo} have different MLP shapes; capture them in separate calls")
     acc = _parallel_pass(model, enc, langs, anchor_lang, layers=todo, parts=parts,
                          targets={l: S[l] for l in todo}, cov_layers=todo, neuron=False, proj=proj,
                          position=position, batch_size=batch_size, chunk_size=chunk_size, side=side,
@@ -1953,30 +1967,21 @@ def collect_parallel_stats(
     if position not in POSITIONS:
         raise ValueError(f"position must be one of {POSITIONS}, got {position!r}")
     layers = _check_layers(model, layers)
-    langs, enc = _parallel_setup(model, tokenizer, parallel, anchor_lang, langs,
-                                 system_prompt=system_prompt, chat_template=chat_template,
-                                 max_length=max_length)
+    langs, enc, data_hash = _parallel_setup(model, tokenizer, parallel, anchor_lang, langs,
+                                            system_prompt=system_prompt, chat_template=chat_template,
+                                            max_length=max_length)
     parts = {l: _parts(model, l) for l in layers}
-    shapes = {(p.d_model, p.d_ff) for p in parts.values()}
-    if len(shapes) != 1:
-        raise ValueError(f"layers {layers} have different MLP shapes; capture them in separate calls")
+    _mlp_shape(parts)  # one recorder: fail before the fingerprint, not after it
     neurons = {l: None for l in layers} if neurons is None else {int(l): s for l, s in neurons.items()}
     if not set(neurons) <= set(layers):
         raise ValueError(f"neurons given for layers {sorted(set(neurons) - set(layers))} not among {layers}")
     S = _check_neurons(neurons, {l: p.d_ff for l, p in parts.items()})
-    cov_layers = set(layers) if cov is True else set() if cov is False else {int(l) for l in cov}
-    if not cov_layers <= set(layers):
-        raise ValueError(f"cov layers {sorted(cov_layers - set(layers))} are not among layers {layers}")
-    cov_layers |= set(S)
+    cov_layers = _cov_layer_set(cov, layers) | set(S)
     side = padding_side or getattr(tokenizer, "padding_side", None) or "left"
-    base_meta = {"position": position, "model_fingerprint": model_fingerprint(model),
-                 "patch_fingerprint": patch_fingerprint(model), "model_dtype": _model_dtype(model),
-                 "stat_dtype": _dtype_name(stat_dtype), "system_prompt": system_prompt,
-                 "chat_template": chat_template}
+    base_meta = _base_meta(model, position=position, stat_dtype=stat_dtype,
+                           system_prompt=system_prompt, chat_template=chat_template)
     meta = {l: dict(base_meta, d_model=parts[l].d_model, d_ff=parts[l].d_ff) for l in layers}
-    down_norm = {l: _base_weight(p.down).detach().double().norm(dim=0).to(stat_dtype).cpu()
-                 for l, p in parts.items()}
-    data_hash = _token_hash(anchor_lang, langs, [enc[lang] for lang in dict.fromkeys([anchor_lang, *langs])])
+    down_norm = _down_col_norms(parts, stat_dtype)
     cache = Path(cache_dir) if cache_dir is not None else None
     full = {l: S[l].numel() == parts[l].d_ff for l in S}
     keys = {l: _token_hash(PARALLEL_FORMAT, FORMAT_VERSION, meta[l], l, proj, anchor_lang, label,
@@ -2013,7 +2018,7 @@ def collect_parallel_stats(
             i = acc.rec.slot[l]
             t = {"count": torch.tensor(acc.count, dtype=stat_dtype), "x_sum": acc.x_sum[:, i].cpu(),
                  "h_abssum": acc.h_abssum[:, i].cpu()}
-            for k, a in enumerate(ACTIVATIONS):
+            for a in ACTIVATIONS:
                 t[f"{a}_sum"] = acc.act_sum[:, i, acc.rec.act_index[a]].cpu()
                 t[f"{a}_sumsq"] = acc.act_sumsq[:, i, acc.rec.act_index[a]].cpu()
             n_out[l] = NeuronStats(layer=l, groups=groups, down_col_norm=down_norm[l],
