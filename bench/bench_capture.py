@@ -1,11 +1,13 @@
 """Capture overhead: streamed statistics vs a plain batched forward over the same batches.
 
 Every row runs over the same prompts (the built-in parallel set: 8 languages x harmful/harmless),
-rendered with the chat template, batched the same way (per group, sorted by length, padded
+rendered with the chat template, batched the same way (all groups pooled, sorted by length, padded
 ``--padding-side``). One process, one model, each configuration timed ``--repeats`` times after
 a warm-up (median reported), so the ratios come from one run:
 
-- ``plain``            ``model(...)`` per batch, logits included: what a capture replaces;
+- ``plain``            ``model(...)`` per batch, logits included: what a capture replaces (its
+                       MLP weights oneDNN-packed as in a capture, on CPU fp32: same GEMMs);
+- ``plain-eager``      the same without packing (PyTorch's eager ``F.linear``): what packing saves;
 - ``capture-all``      :func:`collect_neuron_stats` on every layer, neuron statistics only, no
                        early stop (the work of ``plain`` plus hooks and statistics: the hooks'
                        overhead, target <= 10 %);
@@ -54,6 +56,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from edit_runtime import capture  # noqa: E402
 from edit_runtime.arch import find_decoder_layers  # noqa: E402
 from edit_runtime.data import load_prompts  # noqa: E402
+from edit_runtime.packed_linear import packed_linears, packing_enabled  # noqa: E402
 
 
 def load(args):
@@ -92,12 +95,16 @@ def timed(fn, device: str, repeats: int) -> float:
     return statistics.median(times)
 
 
-def plain_forward(model, tok, groups, *, batch_size: int, side: str) -> None:
-    """The baseline: the same encoding, batching and padding as the capture, no hooks."""
+def plain_forward(model, tok, groups, *, batch_size: int, side: str, packed: bool = True) -> None:
+    """The baseline: the same encoding, batching and padding as the capture (the groups' prompts
+    pooled and batched by length), no hooks. With ``packed`` the MLP projections run on the
+    oneDNN-packed weights a capture uses (where the capture would pack them), so the hook rows
+    compare the same GEMMs; ``packed=False`` is PyTorch's eager forward."""
     device = capture._input_device(model)
     pad = capture._pad_id(tok)
-    for texts in groups.values():
-        seqs = capture.encode_prompts(tok, texts)
+    seqs = [s for texts in groups.values() for s in capture.encode_prompts(tok, texts)]
+    n_layers = len(find_decoder_layers(model)[1])
+    with packed_linears(capture.mlp_linears(model, range(n_layers)), enabled=None if packed else False):
         for idx in capture._length_batches([len(s) for s in seqs], batch_size):
             b = capture._make_batch([seqs[i] for i in idx], pad_id=pad, side=side,
                                     device=device)
@@ -117,8 +124,8 @@ def main(argv=None) -> int:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--padding-side", default="left")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--rows", default="capture-all,capture-all-cov,capture-all-es,capture-mid-es,"
-                    "capture-mid-prefix,pass2-mid")
+    ap.add_argument("--rows", default="plain-eager,capture-all,capture-all-cov,capture-all-es,"
+                    "capture-mid-es,capture-mid-prefix,pass2-mid")
     ap.add_argument("--fit-breakdown", action="store_true",
                     help="instead of the rows: token counts and the time breakdown of the MultiJail fit "
                     "(two passes vs one pass + prefix reuse), projected to the full train split")
@@ -166,6 +173,10 @@ def main(argv=None) -> int:
     base = timed(lambda: plain_forward(model, tok, groups, batch_size=args.batch_size,
                                        side=args.padding_side), args.device, args.repeats)
     add_row(("plain", "forward with logits, all prompts", base, base))
+    if "plain-eager" in wanted:
+        t = timed(lambda: plain_forward(model, tok, groups, batch_size=args.batch_size,
+                                        side=args.padding_side, packed=False), args.device, args.repeats)
+        add_row(("plain-eager", "the same, MLP weights not packed (eager F.linear)", t, base))
     third = list(range(n_layers // 3, 2 * n_layers // 3))
     if "capture-all" in wanted:
         t = timed(lambda: capture.collect_neuron_stats(model, tok, groups, range(n_layers), cov=False,
@@ -206,6 +217,8 @@ def main(argv=None) -> int:
     print(f"\nmodel {args.model} ({type(model).__name__}, {n_layers} layers, d_model "
           f"{model.config.hidden_size}, d_ff {model.config.intermediate_size}, {args.dtype}"
           f"{', random init' if args.random_init else ''}) on {dev}")
+    print(f"MLP weights packed for oneDNN: {'yes' if packing_enabled() else 'no'} "
+          "(EDIT_RUNTIME_PACKED_LINEAR; CPU fp32 only)")
     print(f"{n_prompts} prompts in {len(groups)} groups, {n_tokens} tokens, batch {args.batch_size}, "
           f"{args.padding_side} padding, median of {args.repeats} ({args.clock} clock); fingerprint "
           f"{t_fp * 1e3:.0f} ms (memoised after the first row)\n")

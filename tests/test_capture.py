@@ -255,8 +255,9 @@ def test_cache_hit_reuses_without_forward(model, tok, tmp_path):
         first = collect_neuron_stats(model, tok, groups, [1], batch_size=4, cache_dir=tmp_path,
                                      progress=False)
         n_first = cnt.n
-        # one forward per batch, plus one for the shared chat-template prefix (KV reused)
-        assert n_first == sum(_n_batches(tok, v, 4) for v in groups.values()) + 1
+        # one forward per batch (the groups' prompts pooled and batched by length), plus one
+        # for the shared chat-template prefix (KV reused)
+        assert n_first == _n_batches(tok, [t for v in groups.values() for t in v], 4) + 1
         files = sorted(p.name for p in tmp_path.rglob("*.safetensors"))
         assert len(files) == len(groups)
         again = collect_neuron_stats(model, tok, groups, [1], batch_size=4, cache_dir=tmp_path,
