@@ -36,9 +36,10 @@ capture forwards as few tokens as it can, all with the same statistics up to fp3
   is much shorter (:data:`LENGTH_RATIO`), so little padding is forwarded; pass 2 batches the
   prompts of all languages together.
 - **Packed MLP weights** (CPU, fp32): while a capture runs, the MLP projections of the layers
-  it forwards use oneDNN-reordered weights (:mod:`edit_runtime.packed_linear`; 15-25 % faster
-  GEMMs on the 2-core AVX2 machine, same results up to fp32 rounding, ~1.1 GiB of packed copies
-  for Qwen2.5-0.5B while the capture runs; ``EDIT_RUNTIME_PACKED_LINEAR=0`` turns it off).
+  it forwards use oneDNN-reordered weights (:mod:`edit_runtime.packed_linear`; the up/gate GEMMs
+  alone run 10-25 % faster on the 2-core AVX2 machine, the whole MultiJail fit a few percent;
+  same results up to fp32 rounding; ~1.1 GiB of packed copies for Qwen2.5-0.5B while the capture
+  runs; ``EDIT_RUNTIME_PACKED_LINEAR=0`` turns it off).
 - **One forward per prompt**: :func:`collect_parallel_stats` gives pass 1 and pass 2 of the
   parallel harmful prompts from the same forwards (below).
 
@@ -1518,7 +1519,8 @@ def collect_neuron_stats(
         cache_dir: folder of the on-disk cache (None: no cache). See the module docstring.
         cov: also accumulate ``XᵀX`` ``(d_model, d_model)`` per group: True (every layer),
             False, or the layers that need it (``G * d_model² * 8`` bytes per such layer in
-            float64: 16 groups of Qwen2.5-0.5B are 103 MB per layer).
+            float64: 16 groups of Qwen2.5-0.5B are 103 MB per layer; about 2.5x that while the
+            pooled groups' running sums are open).
         padding_side: "left" or "right" (default: the tokenizer's, else "left").
         chat_template: render with the chat template (default) or feed raw text.
         max_length: keep only the last ``max_length`` tokens of each prompt.

@@ -8,9 +8,15 @@ metrics and the evaluation all go through it):
   raw with ``chat=False``;
 * greedy decoding (``do_sample=False``, one beam), **left padding** with an explicit attention
   mask, so every row's last prompt token sits at the same position and new tokens follow it;
-* within one call the prompts are bucketed by their token budget (``max_new_tokens`` may be one
-  int or one per prompt) and sorted by length inside each bucket, longest first, so a batch holds
-  prompts of similar length (little padding) and one budget; results come back in input order;
+* within one call the prompts are sorted by their token budget (``max_new_tokens`` may be one
+  int or one per prompt), then by length, longest first, and cut into full batches: a batch may
+  mix budgets, and each row stops at its own (a per-row stopping criterion; greedy tokens do not
+  depend on how long the other rows run), so a small leftover of one budget does not cost a
+  batch of its own; results come back in input order;
+* on CPU in fp32 the model's linear layers run on oneDNN-packed weights for the duration of the
+  call (:mod:`edit_runtime.packed_linear`: small-batch decoding GEMMs are ~2x faster than eager
+  MKL's, a generation call ~20 % faster; same tokens up to fp32 rounding of near-ties;
+  ``EDIT_RUNTIME_PACKED_LINEAR=0`` turns it off);
 * only the newly generated tokens are decoded, cut at the first end-of-sequence token (the
   tokenizer's and the generation config's EOS ids), special tokens stripped; a response cut by
   the budget loses trailing U+FFFD characters (the partial bytes of a character split by the
@@ -177,68 +183,103 @@ def _encode(tokenizer: Any, texts: list[str], system_prompt: str | None, chat: b
 
 
 def _plan(lengths: list[int], budgets: list[int], batch_size: int) -> list[list[int]]:
-    """Batches of indices: one budget per batch, longest prompts first within a budget."""
+    """Batches of indices, full except the last: largest budget first, then longest prompt (a
+    batch runs to its first row's budget; each row stops at its own)."""
     order = sorted(range(len(lengths)), key=lambda i: (-budgets[i], -lengths[i], i))
-    batches: list[list[int]] = []
-    for i in order:
-        if batches and len(batches[-1]) < batch_size and budgets[batches[-1][0]] == budgets[i]:
-            batches[-1].append(i)
-        else:
-            batches.append([i])
-    return batches
+    return [order[k:k + batch_size] for k in range(0, len(order), batch_size)]
+
+
+def _row_budgets(prompt_len: int, budgets: list[int]):
+    """A transformers stopping criterion that finishes row b once it has ``budgets[b]`` new
+    tokens (generate pads a finished row and stops when every row has finished)."""
+    import torch
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class RowBudgets(StoppingCriteria):
+        def __init__(self) -> None:
+            self.limit: torch.Tensor | None = None
+
+        def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
+            if self.limit is None or self.limit.device != input_ids.device:
+                self.limit = torch.as_tensor(budgets, device=input_ids.device)
+            return (input_ids.shape[1] - prompt_len) >= self.limit
+
+    return StoppingCriteriaList([RowBudgets()])
+
+
+def _linears(model: Any) -> list:
+    """Every plain ``nn.Linear`` of ``model`` (the decoder's projections and the LM head): what a
+    generation call packs for oneDNN on CPU."""
+    from torch import nn
+
+    return [m for m in model.modules() if type(m) is nn.Linear]
 
 
 def _iter_generate(model: Any, tokenizer: Any, texts: list[str], budgets: list[int], *,
                    batch_size: int, system_prompt: str | None, chat: bool, progress: bool,
                    desc: str | None) -> Iterator[list[tuple[int, Generation]]]:
     """Yields, batch by batch, ``[(input index, Generation), ...]``."""
-    import torch
     from tqdm.auto import tqdm
+
+    from edit_runtime.packed_linear import packed_linears
 
     if not texts:
         return
     seqs = _encode(tokenizer, texts, system_prompt, chat)
     eos = _eos_ids(model, tokenizer)
     pad = _pad_id(model, tokenizer, eos)
-    eos_set = set(eos)
     device = _device(model)
     bar = tqdm(total=len(texts), desc=desc or "generate", disable=not progress, leave=False,
                unit="prompt")
     try:
-        for idx in _plan([len(s) for s in seqs], budgets, batch_size):
-            T = max(len(seqs[i]) for i in idx)
-            ids = torch.full((len(idx), T), pad, dtype=torch.long)
-            mask = torch.zeros((len(idx), T), dtype=torch.long)
-            for b, i in enumerate(idx):
-                s = seqs[i]
-                ids[b, T - len(s):] = torch.as_tensor(s, dtype=torch.long)
-                mask[b, T - len(s):] = 1
-            budget = budgets[idx[0]]
-            cfg = _generation_config(model, eos, pad, budget)
-            with torch.no_grad():
-                out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
-                                     generation_config=cfg)
-            if not isinstance(out, torch.Tensor):
-                out = out.sequences
-            new = out[:, T:].cpu().tolist()
-            results = []
-            for b, i in enumerate(idx):
-                toks = new[b][:budget]
-                stop = next((k for k, t in enumerate(toks) if t in eos_set), None)
-                if stop is None:
-                    kept, n_tok, reason = toks, len(toks), "length"
-                else:
-                    kept, n_tok, reason = toks[:stop], stop + 1, "stop"
-                text = tokenizer.decode(kept, skip_special_tokens=True)
-                if reason == "length":
-                    # a byte-level BPE cut mid-character decodes its partial bytes as U+FFFD;
-                    # that is the budget's artefact, not the model's output
-                    text = text.rstrip("\ufffd")
-                results.append((i, Generation(text, n_tok, reason)))
-            bar.update(len(idx))
-            yield results
+        with packed_linears(_linears(model)):
+            yield from _generate_batches(model, tokenizer, seqs, budgets, batch_size=batch_size,
+                                         eos=eos, pad=pad, device=device, bar=bar)
     finally:
         bar.close()
+
+
+def _generate_batches(model: Any, tokenizer: Any, seqs: list[list[int]], budgets: list[int], *,
+                      batch_size: int, eos: list[int], pad: int, device: Any,
+                      bar: Any) -> Iterator[list[tuple[int, Generation]]]:
+    """Generates :func:`_plan`'s batches; yields ``[(input index, Generation), ...]`` per batch."""
+    import torch
+
+    eos_set = set(eos)
+    for idx in _plan([len(s) for s in seqs], budgets, batch_size):
+        T = max(len(seqs[i]) for i in idx)
+        ids = torch.full((len(idx), T), pad, dtype=torch.long)
+        mask = torch.zeros((len(idx), T), dtype=torch.long)
+        for b, i in enumerate(idx):
+            s = seqs[i]
+            ids[b, T - len(s):] = torch.as_tensor(s, dtype=torch.long)
+            mask[b, T - len(s):] = 1
+        row_budgets = [budgets[i] for i in idx]
+        cfg = _generation_config(model, eos, pad, max(row_budgets))
+        stop_rows = (_row_budgets(T, row_budgets) if min(row_budgets) < max(row_budgets)
+                     else None)
+        with torch.no_grad():
+            out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                 generation_config=cfg, stopping_criteria=stop_rows)
+        if not isinstance(out, torch.Tensor):
+            out = out.sequences
+        new = out[:, T:].cpu().tolist()
+        results = []
+        for b, i in enumerate(idx):
+            toks = new[b][:budgets[i]]
+            stop = next((k for k, t in enumerate(toks) if t in eos_set), None)
+            if stop is None:
+                kept, n_tok, reason = toks, len(toks), "length"
+            else:
+                kept, n_tok, reason = toks[:stop], stop + 1, "stop"
+            text = tokenizer.decode(kept, skip_special_tokens=True)
+            if reason == "length":
+                # a byte-level BPE cut mid-character decodes its partial bytes as U+FFFD;
+                # that is the budget's artefact, not the model's output
+                text = text.rstrip("\ufffd")
+            results.append((i, Generation(text, n_tok, reason)))
+        bar.update(len(idx))
+        yield results
 
 
 # --------------------------------------------------------------------------------------------

@@ -4,15 +4,16 @@ Statistics capture is one long forward over thousands of prompts, and on a CPU i
 MLP's GEMMs. PyTorch's eager ``F.linear`` calls MKL with the weight in its natural layout; on
 the 2-core AVX2 machine this project is measured on, oneDNN with the weight reordered once into
 its blocked layout (what ``torch.compile``'s CPU "freezing" does) runs the
-``(tokens, 896) x (896, 4864)`` GEMMs of Qwen2.5-0.5B 15-25 % faster at 300-600 rows (the size of
-a capture batch). :func:`packed_linears` reorders the given modules' weights once and routes their
+``(tokens, 896) x (896, 4864)`` up/gate GEMMs of Qwen2.5-0.5B 10-25 % faster at 300-600 rows (the
+size of a capture batch); the whole MultiJail fit gains a few percent (the measurements are noisy
+on a shared 2-core machine: ``bench/bench_capture.py`` row ``plain-eager``). :func:`packed_linears` reorders the given modules' weights once and routes their
 forward through ``torch.ops.mkldnn._linear_pointwise`` until the context exits, when the modules
 are exactly as before.
 
 Semantics: ``y = x @ W.T + b``, the same as ``F.linear`` up to fp32 rounding (oneDNN and MKL
 sum in different orders: relative differences ~1e-6). Where a call cannot take the packed path
-(a CUDA or non-fp32 input, autograd wanting a graph, an empty input) it runs ``F.linear`` on the
-module's own weight.
+(a CUDA or non-fp32 input, autograd wanting a graph, an empty input, or a weight or bias changed
+in place or replaced since it was packed) it runs ``F.linear`` on the module's own tensors.
 
 Packing is skipped, and the modules are left untouched, when oneDNN or the private op is missing
 (the op is what inductor itself emits; :func:`packed_linear_available` checks it once), when a
@@ -74,11 +75,16 @@ def _packable(module: nn.Module) -> bool:
 
 def _packed_forward(module: nn.Linear, packed: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
     weight, bias, out = module.weight, module.bias, module.out_features
+    versions = (weight._version, None if bias is None else bias._version)
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
-        if grad or x.device.type != "cpu" or x.dtype != torch.float32 or x.numel() == 0:
-            return F.linear(x, weight, bias)
+        # an in-place change of the weight or bias (a merged edit, a loaded state dict) makes
+        # the packed copy stale: the module's own tensors are used from then on
+        stale = (module.weight is not weight or module.bias is not bias
+                 or versions != (weight._version, None if bias is None else bias._version))
+        if grad or stale or x.device.type != "cpu" or x.dtype != torch.float32 or x.numel() == 0:
+            return F.linear(x, module.weight, module.bias)
         y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]).contiguous(), packed,
                                                None if bias is None else bias.detach(),
                                                "none", [], "")

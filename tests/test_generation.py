@@ -78,7 +78,7 @@ def test_order_budgets_and_buckets(tiny, tok):
                                 progress=False)
     finally:
         del tiny.generate
-    assert counter.calls == 3  # one batch per distinct budget
+    assert counter.calls == 1  # one full batch: the budgets are mixed, each row stops at its own
     for g, b in zip(out, budgets):
         assert g.n_tokens <= b and (g.finish_reason == "stop" or g.n_tokens == b)
     # in input order, identical to one call per prompt
@@ -89,9 +89,24 @@ def test_order_budgets_and_buckets(tiny, tok):
     assert generate_responses(tiny, tok, [], progress=False) == []
 
 
-def test_plan_sorts_by_length_within_budget():
+def test_plan_fills_batches_largest_budget_then_longest_first():
     batches = _plan([5, 9, 2, 7, 9], [4, 4, 4, 8, 4], 2)
-    assert batches == [[3], [1, 4], [0, 2]]
+    assert batches == [[3, 1], [4, 0], [2]]
+
+
+def test_mixed_budget_batch_equals_one_budget_per_call_on_smollm2(smollm2):
+    """A row generated beside longer-budget rows (stopped by the per-row criterion) gives the
+    tokens it gets alone with its own budget, finish reason and count included."""
+    model, tok = smollm2
+    texts = ["Write a long story about a dragon.", "Name one planet.",
+             "List ten fruits, one per line."]
+    budgets = [12, 3, 7]
+    mixed = generate_detailed(model, tok, texts, max_new_tokens=budgets, batch_size=3,
+                              progress=False)
+    alone = [generate_detailed(model, tok, [t], max_new_tokens=b, progress=False)[0]
+             for t, b in zip(texts, budgets)]
+    assert mixed == alone
+    assert [g.n_tokens for g in mixed][0] == 12 and mixed[1].n_tokens <= 3
 
 
 @pytest.mark.parametrize("kwargs, err", [
@@ -181,7 +196,7 @@ def test_jsonl_default_budget_per_language_and_corrupt_file(tiny, tok, tmp_path)
     finally:
         del tiny.generate
     assert [r["max_new_tokens"] for r in recs] == [min_new_tokens_for("en"), min_new_tokens_for("bn")]
-    assert counter.calls == 2  # two budgets, two batches
+    assert counter.calls == 1  # two budgets in one batch, each row stopped at its own
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"id": "a"}\nnot json\n{"id": "b"}\n')
     with pytest.raises(ValueError, match="line 2"):

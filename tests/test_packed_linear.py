@@ -110,3 +110,16 @@ def test_capture_packs_the_forwarded_mlps_and_matches_unpacked(monkeypatch):
     for l in (1, 2):
         for name, t in got[l]._tensors().items():
             torch.testing.assert_close(t, getattr(want[l], name), atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_weight_changed_in_place_is_not_served_stale():
+    """A merged edit (in-place add to the weight) or a replaced bias while the context is open:
+    the forward uses the module's current tensors, never the packed snapshot."""
+    lin = nn.Linear(6, 5)
+    x = torch.randn(3, 6)
+    with packed_linears([lin]) as n, torch.no_grad():
+        assert n == 1
+        lin.weight.add_(1.0)
+        torch.testing.assert_close(lin(x).double(), _ref(x, lin), atol=1e-5, rtol=1e-5)
+        lin.bias = nn.Parameter(torch.randn(5))
+        torch.testing.assert_close(lin(x).double(), _ref(x, lin), atol=1e-5, rtol=1e-5)
