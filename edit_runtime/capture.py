@@ -37,7 +37,7 @@ capture forwards as few tokens as it can, all with the same statistics up to fp3
   prompts of all languages together.
 - **Packed MLP weights** (CPU, fp32): while a capture runs, the MLP projections of the layers
   it forwards use oneDNN-reordered weights (:mod:`edit_runtime.packed_linear`; the up/gate GEMMs
-  alone run 10-25 % faster on the 2-core AVX2 machine, the whole MultiJail fit a few percent;
+  alone run 10-25 % faster on the 2-core AVX2 machine, the MultiJail fit's harmful pass ~3 %;
   same results up to fp32 rounding; ~1.1 GiB of packed copies for Qwen2.5-0.5B while the capture
   runs; ``EDIT_RUNTIME_PACKED_LINEAR=0`` turns it off).
 - **One forward per prompt**: :func:`collect_parallel_stats` gives pass 1 and pass 2 of the

@@ -5,8 +5,10 @@ MLP's GEMMs. PyTorch's eager ``F.linear`` calls MKL with the weight in its natur
 the 2-core AVX2 machine this project is measured on, oneDNN with the weight reordered once into
 its blocked layout (what ``torch.compile``'s CPU "freezing" does) runs the
 ``(tokens, 896) x (896, 4864)`` up/gate GEMMs of Qwen2.5-0.5B 10-25 % faster at 300-600 rows (the
-size of a capture batch); the whole MultiJail fit gains a few percent (the measurements are noisy
-on a shared 2-core machine: ``bench/bench_capture.py`` row ``plain-eager``). :func:`packed_linears` reorders the given modules' weights once and routes their
+size of a capture batch) in isolation, yet a whole large-batch forward gains little (0.6 % in
+``bench/bench_capture.py``'s ``plain-eager`` row, ~3 % on the MultiJail fit's harmful pass). The
+big win is small batches: at 16 rows (greedy decoding) oneDNN runs the same GEMM ~2x faster than
+eager MKL, and a generation call is ~20 % faster. :func:`packed_linears` reorders the given modules' weights once and routes their
 forward through ``torch.ops.mkldnn._linear_pointwise`` until the context exits, when the modules
 are exactly as before.
 
