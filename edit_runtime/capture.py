@@ -979,6 +979,18 @@ def mlp_linears(model: nn.Module, layers: Iterable[int], *,
     return out
 
 
+def _packed_mlps(model: nn.Module, layers: Sequence[int], *, early_stop: bool,
+                 parts: Mapping[int, _LayerParts]):
+    """One :func:`packed_linears` context for a whole capture call (the prefix and every batch):
+    the MLP projections of every layer the forwards run, up to the last of ``layers`` with
+    ``early_stop`` (none for no layer). Packing costs ~10 ms per projection, so it is done once
+    per call."""
+    if not layers:
+        return contextlib.nullcontext(0)
+    n = max(layers) + 1 if early_stop else len(find_decoder_layers(model)[1])
+    return packed_linears(mlp_linears(model, range(n), parts=parts))
+
+
 def _base_weight(module: nn.Module) -> torch.Tensor:
     return getattr(module, "base_layer", module).weight
 
@@ -1004,7 +1016,7 @@ class _Recorder:
     def __init__(self, model: nn.Module, layers: Sequence[int], *, position: str,
                  acts: Sequence[str], early_stop: bool = True,
                  parts: Mapping[int, _LayerParts] | None = None, prefix: "_Prefix | None" = None,
-                 slice_last: bool = True, packed_linear: bool | None = None):
+                 slice_last: bool = True):
         if position not in POSITIONS:
             raise ValueError(f"position must be one of {POSITIONS}, got {position!r}")
         self.model = model
@@ -1022,9 +1034,6 @@ class _Recorder:
         self.dtype = w.dtype if position == "last" and w.is_floating_point() else torch.float32
         self.slice_slot = len(self.layers) - 1 if (slice_last and early_stop and position == "last") else -1
         self.prefix = prefix
-        self.packed_linear = packed_linear
-        self.packed = 0                          # MLP linears running on packed weights
-        self._packing: contextlib.ExitStack | None = None
         self._px: torch.Tensor | None = None    # (L, d_model) fp32 prefix sums of x ("mean")
         self._pa: torch.Tensor | None = None    # (L, n_acts, d_ff) fp32 prefix sums of the acts
         if prefix is not None:
@@ -1068,26 +1077,12 @@ class _Recorder:
         if self.early_stop:
             last = self.parts[self.layers[-1]].mlp
             self._handles.append(last.register_forward_hook(self._stop))
-        self._packing = contextlib.ExitStack()
-        self.packed = self._packing.enter_context(packed_linears(self._mlp_linears(),
-                                                                 enabled=self.packed_linear))
         return self
 
     def __exit__(self, *exc: Any) -> None:
         for h in self._handles:
             h.remove()
         self._handles.clear()
-        if self._packing is not None:
-            self._packing.close()
-            self._packing = None
-
-    def _mlp_linears(self) -> list[nn.Module]:
-        """The MLP projections of every layer the forward runs (up to the last recorded one with
-        ``early_stop``): most of the forward's time, packed for oneDNN while recording."""
-        if self.packed_linear is False:
-            return []
-        n = self.layers[-1] + 1 if self.early_stop else len(find_decoder_layers(self.model)[1])
-        return mlp_linears(self.model, range(n), parts=self.parts)
 
     # -- reduction over tokens -------------------------------------------------------------------
     def _put(self, dst: torch.Tensor, t: torch.Tensor, prefix_sum: torch.Tensor | None = None) -> None:
@@ -1588,56 +1583,58 @@ def collect_neuron_stats(
     busy = [e for e in plan if e[7]]
     all_todo = sorted({l for e in busy for l in e[7]})
     P = _plan_prefix(model, [s for e in busy for s in e[3]], prefix_reuse and bool(busy))
-    prefix = (_compute_prefix(model, busy[0][3][0][:P], all_todo, parts=parts, acts=ACTIVATIONS,
-                              early_stop=early_stop, device=device) if P else None)
-    # Groups that need the same layers are forwarded together: their prompts pooled, sorted by
-    # length and batched across groups (small groups alone make small, slow GEMMs); each row's
-    # statistics go to its own group. Other groups (partial cache hits) run on their own.
-    pools: dict[tuple[int, ...], list[tuple]] = {}
-    for e in busy:
-        pools.setdefault(tuple(e[7]) if sort_by_length else (e[0], *e[7]), []).append(e)
-    bar = tqdm(total=sum(len(e[3]) for e in busy), desc="capture prompts", unit="prompt",
-               disable=not progress, leave=False)
-    for pool in pools.values():
-        todo = pool[0][7]
-        rows = [(k, i) for k, e in enumerate(pool) for i in range(len(e[3]))]
-        lengths = [len(pool[k][3][i]) for k, i in rows]
-        batches = (_length_batches(lengths, batch_size) if sort_by_length
-                   else _batches(len(rows), batch_size))
-        with _Recorder(model, todo, position=position, acts=ACTIVATIONS, early_stop=early_stop,
-                       parts=parts, prefix=prefix) as rec:
-            accs = [_GroupAccum(len(todo), rec.d_model, rec.d_ff, dtype=stat_dtype,
-                                device=rec.device,
-                                cov_slots=[rec.slot[l] for l in todo if l in cov_layers])
-                    for _ in pool]
-            for idx in batches:
-                batch = _make_batch([pool[rows[j][0]][3][rows[j][1]][P:] for j in idx],
-                                    pad_id=pad_id, side=side, device=device, prefix_len=P)
-                X, A = rec.run(batch)
-                owner = [rows[j][0] for j in idx]
-                for k in dict.fromkeys(owner):
+    with _packed_mlps(model, all_todo, early_stop=early_stop, parts=parts):
+        prefix = (_compute_prefix(model, busy[0][3][0][:P], all_todo, parts=parts,
+                                  acts=ACTIVATIONS, early_stop=early_stop, device=device)
+                  if P else None)
+        # Groups that need the same layers are forwarded together: their prompts pooled, sorted by
+        # length and batched across groups (small groups alone make small, slow GEMMs); each row's
+        # statistics go to its own group. Other groups (partial cache hits) run on their own.
+        pools: dict[tuple[int, ...], list[tuple]] = {}
+        for e in busy:
+            pools.setdefault(tuple(e[7]) if sort_by_length else (e[0], *e[7]), []).append(e)
+        bar = tqdm(total=sum(len(e[3]) for e in busy), desc="capture prompts", unit="prompt",
+                   disable=not progress, leave=False)
+        for pool in pools.values():
+            todo = pool[0][7]
+            rows = [(k, i) for k, e in enumerate(pool) for i in range(len(e[3]))]
+            lengths = [len(pool[k][3][i]) for k, i in rows]
+            batches = (_length_batches(lengths, batch_size) if sort_by_length
+                       else _batches(len(rows), batch_size))
+            with _Recorder(model, todo, position=position, acts=ACTIVATIONS, early_stop=early_stop,
+                           parts=parts, prefix=prefix) as rec:
+                accs = [_GroupAccum(len(todo), rec.d_model, rec.d_ff, dtype=stat_dtype,
+                                    device=rec.device,
+                                    cov_slots=[rec.slot[l] for l in todo if l in cov_layers])
+                        for _ in pool]
+                for idx in batches:
+                    batch = _make_batch([pool[rows[j][0]][3][rows[j][1]][P:] for j in idx],
+                                        pad_id=pad_id, side=side, device=device, prefix_len=P)
+                    X, A = rec.run(batch)
+                    owner = [rows[j][0] for j in idx]
                     if len(set(owner)) == 1:
-                        accs[k].add(X, A)
-                    else:
+                        accs[owner[0]].add(X, A)
+                        owner = []
+                    for k in dict.fromkeys(owner):  # a batch across groups: each its rows
                         sel = torch.tensor([b for b, o in enumerate(owner) if o == k],
                                            device=X.device)
                         accs[k].add(X.index_select(1, sel), A.index_select(2, sel))
-                bar.update(len(idx))
-            for k, (g, lang, label, *_rest) in enumerate(pool):
-                for l in todo:
-                    accs[k].export(out[l], rec.slot[l], g)
-            log.info("capture %s: %d prompts of %d group(s) in %d forwards, %d tokens forwarded "
-                     "(shared prefix of %d tokens forwarded once)",
-                     ", ".join(f"{e[1]}/{e[2]}" for e in pool), len(rows), len(pool), rec.batches,
-                     rec.tokens, P)
-        if cache:
-            for g, lang, label, seqs, data_hash, keys, paths, todo in pool:
-                for l in todo:
-                    one = {name: t[g:g + 1] for name, t in out[l].items()}
-                    st = NeuronStats(layer=l, groups=[(lang, label)], xtx=one.pop("xtx", None),
-                                     down_col_norm=down_norm[l], meta=dict(meta[l]), **one)
-                    st.save(paths[l], extra={"cache_key": keys[l], "dataset_hash": data_hash})
-    bar.close()
+                    bar.update(len(idx))
+                for k, (g, lang, label, *_rest) in enumerate(pool):
+                    for l in todo:
+                        accs[k].export(out[l], rec.slot[l], g)
+                log.info("capture %s: %d prompts of %d group(s) in %d forwards, %d tokens forwarded "
+                         "(shared prefix of %d tokens forwarded once)",
+                         ", ".join(f"{e[1]}/{e[2]}" for e in pool), len(rows), len(pool), rec.batches,
+                         rec.tokens, P)
+            if cache:
+                for g, lang, label, seqs, data_hash, keys, paths, todo in pool:
+                    for l in todo:
+                        one = {name: t[g:g + 1] for name, t in out[l].items()}
+                        st = NeuronStats(layer=l, groups=[(lang, label)], xtx=one.pop("xtx", None),
+                                         down_col_norm=down_norm[l], meta=dict(meta[l]), **one)
+                        st.save(paths[l], extra={"cache_key": keys[l], "dataset_hash": data_hash})
+        bar.close()
     return {l: NeuronStats(layer=l, groups=list(keys_g), xtx=out[l].pop("xtx", None),
                            down_col_norm=down_norm[l], meta=dict(meta[l]), **out[l])
             for l in layers}
@@ -1813,8 +1810,9 @@ def _parallel_pass(model: nn.Module, enc: Mapping[str, Sequence[list[int] | None
     others = [lang for lang in langs if lang != anchor_lang]
     li_of = {lang: i for i, lang in enumerate(langs)}
     target_layers = list(targets)
-    with _Recorder(model, layers, position=position, acts=acts, early_stop=early_stop,
-                   parts=parts, prefix=prefix) as rec:
+    with _packed_mlps(model, layers, early_stop=early_stop, parts=parts), \
+            _Recorder(model, layers, position=position, acts=acts, early_stop=early_stop,
+                      parts=parts, prefix=prefix) as rec:
         acc = _ParallelAccum(rec, len(langs), neuron=neuron, cov_layers=cov_layers, cols=cols,
                              dtype=stat_dtype)
         y_idx = [rec.act_index[a] for a in y_acts]

@@ -189,20 +189,17 @@ def _plan(lengths: list[int], budgets: list[int], batch_size: int) -> list[list[
     return [order[k:k + batch_size] for k in range(0, len(order), batch_size)]
 
 
-def _row_budgets(prompt_len: int, budgets: list[int]):
+def _row_budgets(prompt_len: int, budgets: list[int], device: Any):
     """A transformers stopping criterion that finishes row b once it has ``budgets[b]`` new
     tokens (generate pads a finished row and stops when every row has finished)."""
     import torch
     from transformers import StoppingCriteria, StoppingCriteriaList
 
-    class RowBudgets(StoppingCriteria):
-        def __init__(self) -> None:
-            self.limit: torch.Tensor | None = None
+    limit = torch.as_tensor(budgets, device=device)
 
+    class RowBudgets(StoppingCriteria):
         def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
-            if self.limit is None or self.limit.device != input_ids.device:
-                self.limit = torch.as_tensor(budgets, device=input_ids.device)
-            return (input_ids.shape[1] - prompt_len) >= self.limit
+            return (input_ids.shape[1] - prompt_len) >= limit
 
     return StoppingCriteriaList([RowBudgets()])
 
@@ -256,7 +253,7 @@ def _generate_batches(model: Any, tokenizer: Any, seqs: list[list[int]], budgets
             mask[b, T - len(s):] = 1
         row_budgets = [budgets[i] for i in idx]
         cfg = _generation_config(model, eos, pad, max(row_budgets))
-        stop_rows = (_row_budgets(T, row_budgets) if min(row_budgets) < max(row_budgets)
+        stop_rows = (_row_budgets(T, row_budgets, device) if min(row_budgets) < max(row_budgets)
                      else None)
         with torch.no_grad():
             out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),

@@ -8,9 +8,9 @@ its blocked layout (what ``torch.compile``'s CPU "freezing" does) runs the
 size of a capture batch) in isolation, yet a whole large-batch forward gains little (0.6 % in
 ``bench/bench_capture.py``'s ``plain-eager`` row, ~3 % on the MultiJail fit's harmful pass). The
 big win is small batches: at 16 rows (greedy decoding) oneDNN runs the same GEMM ~2x faster than
-eager MKL, and a generation call is ~20 % faster. :func:`packed_linears` reorders the given modules' weights once and routes their
-forward through ``torch.ops.mkldnn._linear_pointwise`` until the context exits, when the modules
-are exactly as before.
+eager MKL, and a generation call is ~20 % faster. :func:`packed_linears` reorders the given
+modules' weights once and routes their forward through ``torch.ops.mkldnn._linear_pointwise``
+until the context exits, when the modules are exactly as before.
 
 Semantics: ``y = x @ W.T + b``, the same as ``F.linear`` up to fp32 rounding (oneDNN and MKL
 sum in different orders: relative differences ~1e-6). Where a call cannot take the packed path
