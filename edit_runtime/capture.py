@@ -720,6 +720,21 @@ def _token_hash(*parts: Any) -> str:
 
 
 @dataclass
+class _GroupPlan:
+    """One (lang, label) group of :func:`collect_neuron_stats`: its encoded prompts, cache keys and
+    files per layer, and the layers the cache did not have (``todo``, empty = all cached)."""
+
+    g: int                        # row of the group in the statistics
+    lang: str
+    label: str
+    seqs: list[list[int]]         # token ids per prompt
+    data_hash: str
+    keys: dict[int, str]          # layer -> cache key
+    paths: dict[int, Path]        # layer -> cache file ({} without a cache folder)
+    todo: list[int]               # layers still to capture
+
+
+@dataclass
 class _Batch:
     """One padded batch of token sequences, optionally continuing a shared prefix of P tokens
     held in a KV cache (:class:`_Prefix`): then ``input_ids`` are only the tokens after it."""
@@ -1557,7 +1572,7 @@ def collect_neuron_stats(
            for l in layers}
 
     # Encode every group and look up the cache first, so that the shared prefix is known.
-    plan = []  # (g, lang, label, seqs, data_hash, keys, paths, todo)
+    plan: list[_GroupPlan] = []
     for g, (lang, label) in enumerate(keys_g):
         seqs = encode_prompts(tokenizer, groups_n[(lang, label)], system_prompt=system_prompt,
                               chat_template=chat_template, max_length=max_length)
@@ -1578,27 +1593,27 @@ def collect_neuron_stats(
                 except (OSError, ValueError, KeyError, RuntimeError) as exc:
                     log.warning("ignoring unreadable cache file %s (%s)", paths[l], exc)
             todo.append(l)
-        plan.append((g, lang, label, seqs, data_hash, keys, paths, todo))
+        plan.append(_GroupPlan(g, lang, label, seqs, data_hash, keys, paths, todo))
 
-    busy = [e for e in plan if e[7]]
-    all_todo = sorted({l for e in busy for l in e[7]})
-    P = _plan_prefix(model, [s for e in busy for s in e[3]], prefix_reuse and bool(busy))
+    busy = [e for e in plan if e.todo]
+    all_todo = sorted({l for e in busy for l in e.todo})
+    P = _plan_prefix(model, [s for e in busy for s in e.seqs], prefix_reuse and bool(busy))
     with _packed_mlps(model, all_todo, early_stop=early_stop, parts=parts):
-        prefix = (_compute_prefix(model, busy[0][3][0][:P], all_todo, parts=parts,
+        prefix = (_compute_prefix(model, busy[0].seqs[0][:P], all_todo, parts=parts,
                                   acts=ACTIVATIONS, early_stop=early_stop, device=device)
                   if P else None)
         # Groups that need the same layers are forwarded together: their prompts pooled, sorted by
         # length and batched across groups (small groups alone make small, slow GEMMs); each row's
         # statistics go to its own group. Other groups (partial cache hits) run on their own.
-        pools: dict[tuple[int, ...], list[tuple]] = {}
+        pools: dict[tuple[int, ...], list[_GroupPlan]] = {}
         for e in busy:
-            pools.setdefault(tuple(e[7]) if sort_by_length else (e[0], *e[7]), []).append(e)
-        bar = tqdm(total=sum(len(e[3]) for e in busy), desc="capture prompts", unit="prompt",
+            pools.setdefault(tuple(e.todo) if sort_by_length else (e.g, *e.todo), []).append(e)
+        bar = tqdm(total=sum(len(e.seqs) for e in busy), desc="capture prompts", unit="prompt",
                    disable=not progress, leave=False)
         for pool in pools.values():
-            todo = pool[0][7]
-            rows = [(k, i) for k, e in enumerate(pool) for i in range(len(e[3]))]
-            lengths = [len(pool[k][3][i]) for k, i in rows]
+            todo = pool[0].todo
+            rows = [(k, i) for k, e in enumerate(pool) for i in range(len(e.seqs))]
+            lengths = [len(pool[k].seqs[i]) for k, i in rows]
             batches = (_length_batches(lengths, batch_size) if sort_by_length
                        else _batches(len(rows), batch_size))
             with _Recorder(model, todo, position=position, acts=ACTIVATIONS, early_stop=early_stop,
@@ -1608,7 +1623,7 @@ def collect_neuron_stats(
                                     cov_slots=[rec.slot[l] for l in todo if l in cov_layers])
                         for _ in pool]
                 for idx in batches:
-                    batch = _make_batch([pool[rows[j][0]][3][rows[j][1]][P:] for j in idx],
+                    batch = _make_batch([pool[rows[j][0]].seqs[rows[j][1]][P:] for j in idx],
                                         pad_id=pad_id, side=side, device=device, prefix_len=P)
                     X, A = rec.run(batch)
                     owner = [rows[j][0] for j in idx]
@@ -1620,20 +1635,21 @@ def collect_neuron_stats(
                                            device=X.device)
                         accs[k].add(X.index_select(1, sel), A.index_select(2, sel))
                     bar.update(len(idx))
-                for k, (g, lang, label, *_rest) in enumerate(pool):
+                for k, e in enumerate(pool):
                     for l in todo:
-                        accs[k].export(out[l], rec.slot[l], g)
+                        accs[k].export(out[l], rec.slot[l], e.g)
                 log.info("capture %s: %d prompts of %d group(s) in %d forwards, %d tokens forwarded "
                          "(shared prefix of %d tokens forwarded once)",
-                         ", ".join(f"{e[1]}/{e[2]}" for e in pool), len(rows), len(pool), rec.batches,
+                         ", ".join(f"{e.lang}/{e.label}" for e in pool), len(rows), len(pool), rec.batches,
                          rec.tokens, P)
             if cache:
-                for g, lang, label, seqs, data_hash, keys, paths, todo in pool:
-                    for l in todo:
-                        one = {name: t[g:g + 1] for name, t in out[l].items()}
-                        st = NeuronStats(layer=l, groups=[(lang, label)], xtx=one.pop("xtx", None),
+                for e in pool:
+                    for l in e.todo:
+                        one = {name: t[e.g:e.g + 1] for name, t in out[l].items()}
+                        st = NeuronStats(layer=l, groups=[(e.lang, e.label)], xtx=one.pop("xtx", None),
                                          down_col_norm=down_norm[l], meta=dict(meta[l]), **one)
-                        st.save(paths[l], extra={"cache_key": keys[l], "dataset_hash": data_hash})
+                        st.save(e.paths[l], extra={"cache_key": e.keys[l],
+                                                   "dataset_hash": e.data_hash})
         bar.close()
     return {l: NeuronStats(layer=l, groups=list(keys_g), xtx=out[l].pop("xtx", None),
                            down_col_norm=down_norm[l], meta=dict(meta[l]), **out[l])
