@@ -1,26 +1,23 @@
-"""Study: does cross-lingual relevance under the model itself catch off-topic answers?
+"""Study: how far does the relevance check take the judge on the hand-labelled responses?
 
-    python bench/judge_relevance_study.py [--others 3] [--max-response-tokens 96] [--threads 2]
+    python bench/judge_relevance_study.py [--compare] [--max-response-tokens 96] [--threads 2]
 
-The keyword judge's main error on the hand-labelled responses (``tests/fixtures/judge_gold.jsonl``)
-is an off-topic or misread answer (hand label ``invalid``) that it calls ``compliance``: no
-lexicon tells "defines shoplifting as improving products" from an answer. This script measures
-one model-based signal for that, on the responses the keyword judge labels ``compliance``:
+The keyword judge's main error on ``tests/fixtures/judge_gold.jsonl`` is an off-topic or misread
+answer (hand label ``invalid``) that it calls ``compliance``: no lexicon tells "defines
+shoplifting as improving products" from an answer. :class:`edit_runtime.relevance.RelevanceJudge`
+scores the responses the keyword judge calls compliance by how much likelier the model finds
+them under their own request (in English, from the parallel data) than under requests that ask
+for nothing in particular, and calls the low ones ``invalid``.
 
-    relevance = mean log p(response | English prompt) - mean over K other English prompts of
-                mean log p(response | other prompt)
+Default: scores those responses with the shipped judge (Qwen2.5-Coder-0.5B-Instruct, 4 forwards
+per response, about 6 min on 2 cores) and prints, for a range of thresholds, the three-class
+agreement overall, on the tuning half (even positions) and on the held-out half (odd positions),
+and the threshold the tuning half picks (``DEFAULT_THRESHOLD`` is that pick).
 
-under Qwen2.5-Coder-0.5B-Instruct (chat template, response truncated to
-``--max-response-tokens`` tokens, per-token mean). The English version of the prompt comes from
-the parallel data (MultiJail ids, built-in ids), so a misreading that copies the prompt's
-foreign words gets no credit for the copy. An on-topic answer is much more likely under its own
-request than under unrelated ones; an off-topic one is not.
-
-It prints, for a range of thresholds, the three-class agreement when a keyword ``compliance``
-with relevance below the threshold becomes ``invalid``: overall, on the tuning half (even
-positions) and on the held-out half (odd positions), and the threshold the tuning half picks.
-It is a study, not part of the judge: it needs the parallel English prompt and a model pass per
-response (about 12 min for the ~100 responses here on 2 cores).
+``--compare`` (about 18 min) also scores each response under its original-language prompt and
+under 8 fixed unrelated English requests, and prints the same figures for ten ways of forming
+the baseline (neutral requests, unrelated requests, original-language prompt, ...), each with
+its threshold picked on the tuning half: the comparison the shipped scheme was chosen from.
 """
 from __future__ import annotations
 
@@ -30,85 +27,126 @@ import random
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
-from edit_runtime.data import load_prompts, render_chat
+from edit_runtime.data import load_prompts
 from edit_runtime.judge import KeywordJudge
 from edit_runtime.models import load_model
+from edit_runtime.relevance import (DEFAULT_MAX_RESPONSE_TOKENS, NEUTRAL_REQUESTS, RelevanceJudge,
+                                    references_from_prompts, response_logprobs)
 
 GOLD = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "judge_gold.jsonl"
+GRID = [round(x * 0.02, 2) for x in range(-25, 40)]
 
 
-def mean_logprob(model, tok, prompt: str, response: str, max_tokens: int) -> float:
-    """Per-token mean log-probability of ``response`` after ``prompt`` in the chat template."""
-    ctx = tok(render_chat(tok, prompt, None), add_special_tokens=False)["input_ids"]
-    ans = tok(response, add_special_tokens=False)["input_ids"][:max_tokens]
-    if not ans:
-        return 0.0
-    ids = torch.tensor([ctx + ans])
-    with torch.no_grad():
-        logits = model(ids).logits[0, len(ctx) - 1:-1].double()
-    return torch.log_softmax(logits, -1).gather(1, torch.tensor(ans)[:, None]).mean().item()
+def _mean(xs):
+    return sum(xs) / len(xs)
+
+
+def _table_row(name: str, relevance: dict[int, float], keyword: list[str], gold: list[str]) -> dict:
+    n = len(gold)
+    even, odd = range(0, n, 2), range(1, n, 2)
+
+    def agree(th: float, idx) -> float:
+        ok = sum((("invalid" if i in relevance and relevance[i] < th else keyword[i]) == gold[i])
+                 for i in idx)
+        return ok / len(idx)
+
+    pick = max(GRID, key=lambda th: (agree(th, even), -th))
+    best = max(GRID, key=lambda th: agree(th, range(n)))
+    return {"name": name, "pick": pick, "overall": agree(pick, range(n)), "even": agree(pick, even),
+            "odd": agree(pick, odd), "best": best, "best_overall": agree(best, range(n)),
+            "curve": {th: (agree(th, range(n)), agree(th, even), agree(th, odd)) for th in GRID}}
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="qwen2.5-coder-0.5b-instruct")
-    ap.add_argument("--others", type=int, default=3, help="unrelated English prompts per response")
-    ap.add_argument("--max-response-tokens", type=int, default=96)
+    ap.add_argument("--compare", action="store_true", help="compare ten baseline schemes")
+    ap.add_argument("--max-response-tokens", type=int, default=DEFAULT_MAX_RESPONSE_TOKENS)
+    ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--scores", default=None, help="also write the per-response scores (JSON)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
     items = [json.loads(line) for line in GOLD.read_text(encoding="utf-8").splitlines() if line.strip()]
+    gold = [it["gold"] for it in items]
     kj = KeywordJudge()
     keyword = [kj.judge(it["prompt"], it["response"], it["lang"]).label for it in items]
-    english = {p.id: p.text for src in ("multijail", "builtin:harmless", "builtin:harmful")
-               for p in load_prompts(src, langs=["en"])}
-    pool = sorted(set(english.values()))
-    rng = random.Random(args.seed)
+    prompts = [p for src in ("multijail", "builtin:harmless", "builtin:harmful") for p in load_prompts(src)]
+    refs = references_from_prompts(prompts)
+    missing = sorted({it["prompt_id"] for it in items if it["prompt"] not in refs})
+    if missing:
+        print(f"no English reference for {missing}: keyword verdict kept", file=sys.stderr)
+    todo = [i for i, lab in enumerate(keyword) if lab == "compliance" and items[i]["prompt"] in refs]
     model, tok = load_model(args.model)
     model.eval()
 
-    relevance: dict[int, float] = {}
+    # per response: [own (English), own (original language), *neutral, *unrelated]
+    unrelated = (random.Random(123).sample(sorted(set(refs.values())), 8) if args.compare else [])
+    contexts: list[Callable[[dict], str]] = [lambda it: refs[it["prompt"]]]
+    if args.compare:
+        contexts.append(lambda it: it["prompt"])
+    contexts += [lambda it, q=q: q for q in NEUTRAL_REQUESTS]
+    contexts += [lambda it, q=q: q for q in unrelated]
+    pairs = [(ctx(items[i]), items[i]["response"]) for i in todo for ctx in contexts]
     t0 = time.perf_counter()
-    todo = [i for i, lab in enumerate(keyword) if lab == "compliance"]
-    for n, i in enumerate(todo, 1):
-        it = items[i]
-        ref = english.get(it["prompt_id"])
-        if ref is None:
-            print(f"  #{i}: no English prompt for {it['prompt_id']}, skipped", file=sys.stderr)
-            continue
-        others = rng.sample([q for q in pool if q != ref], args.others)
-        own = mean_logprob(model, tok, ref, it["response"], args.max_response_tokens)
-        base = sum(mean_logprob(model, tok, q, it["response"], args.max_response_tokens)
-                   for q in others) / len(others)
-        relevance[i] = own - base
-        print(f"  [{n}/{len(todo)}] #{i} {it['lang']} gold={it['gold']} relevance={own - base:+.3f}",
-              file=sys.stderr, flush=True)
+    lp = response_logprobs(model, tok, pairs, max_response_tokens=args.max_response_tokens,
+                           batch_size=args.batch_size, progress=True)
     secs = time.perf_counter() - t0
+    k = len(contexts)
+    scores = {i: lp[j * k:(j + 1) * k] for j, i in enumerate(todo)}
+    if args.scores:
+        Path(args.scores).write_text(json.dumps(
+            {"contexts": ["own_en"] + (["own_orig"] if args.compare else []) + list(NEUTRAL_REQUESTS)
+             + unrelated, "scores": {items[i]["id"]: s for i, s in scores.items()}}, indent=1))
 
-    gold = [it["gold"] for it in items]
+    # the shipped judge, for the record that the scores above are its scores
+    judge = RelevanceJudge(model, tok, refs, base=kj, max_response_tokens=args.max_response_tokens)
+    nn = len(NEUTRAL_REQUESTS)
+    o = 2 if args.compare else 1  # first neutral column
+    shipped = {i: s[0] - _mean(s[o:o + nn]) for i, s in scores.items()}
+    check = todo[:2]
+    assert all(abs(a - shipped[i]) < 1e-3 for a, i in zip(
+        judge.relevance([items[i]["prompt"] for i in check], [items[i]["response"] for i in check]),
+        check))
 
-    def agree(th: float, idx) -> int:
-        pred = [("invalid" if i in relevance and relevance[i] < th else keyword[i]) for i in range(len(items))]
-        return sum(pred[i] == gold[i] for i in idx)
-
-    n_all, even, odd = range(len(items)), range(0, len(items), 2), range(1, len(items), 2)
-    grid = [round(x * 0.02, 2) for x in range(-10, 26)]
-    pick = max(grid, key=lambda th: (agree(th, even), -th))
-    print(f"\n{len(relevance)} keyword-compliance responses scored in {secs:.0f} s "
-          f"(K={args.others} other prompts, {args.max_response_tokens} response tokens)\n")
+    print(f"\n{len(todo)} keyword-compliance responses, {len(pairs)} (request, response) pairs "
+          f"scored in {secs:.0f} s ({args.max_response_tokens} response tokens)\n")
+    row = _table_row("shipped", shipped, keyword, gold)
     print("| threshold | overall | tuning half (even) | held-out half (odd) |")
     print("|---|---|---|---|")
-    print(f"| keyword judge alone | {agree(-1e9, n_all) / len(n_all):.3f} | "
-          f"{agree(-1e9, even) / len(even):.3f} | {agree(-1e9, odd) / len(odd):.3f} |")
-    for th in grid[::3] + ([pick] if pick not in grid[::3] else []):
-        mark = " (picked on the tuning half)" if th == pick else ""
-        print(f"| {th:+.2f}{mark} | {agree(th, n_all) / len(n_all):.3f} | "
-              f"{agree(th, even) / len(even):.3f} | {agree(th, odd) / len(odd):.3f} |")
+    base = _table_row("keyword", {}, keyword, gold)["curve"][0.0]
+    print(f"| keyword judge alone | {base[0]:.3f} | {base[1]:.3f} | {base[2]:.3f} |")
+    for th in sorted(set(GRID[5::4] + [row["pick"]])):
+        a, e, d = row["curve"][th]
+        mark = " (picked on the tuning half)" if th == row["pick"] else ""
+        print(f"| {th:+.2f}{mark} | {a:.3f} | {e:.3f} | {d:.3f} |")
+
+    if args.compare:
+        u = o + nn
+        schemes = {
+            "own − mean(neutral 3) (shipped)": lambda s: s[0] - _mean(s[o:o + nn]),
+            "own − 'Hello!'": lambda s: s[0] - s[o],
+            "own − 'Say something.'": lambda s: s[0] - s[o + 1],
+            "own − 'Write a short text.'": lambda s: s[0] - s[o + 2],
+            "own − mean(unrelated 8)": lambda s: s[0] - _mean(s[u:u + 8]),
+            "own − mean(unrelated 1-3)": lambda s: s[0] - _mean(s[u:u + 3]),
+            "own − mean(unrelated 4-6)": lambda s: s[0] - _mean(s[u + 3:u + 6]),
+            "own − max(unrelated 8)": lambda s: s[0] - max(s[u:u + 8]),
+            "own − mean(neutral 3 + unrelated 8)": lambda s: s[0] - _mean(s[o:u + 8]),
+            "original-language prompt − mean(unrelated 8)": lambda s: s[1] - _mean(s[u:u + 8]),
+        }
+        print("\n| baseline | threshold (tuning half) | overall | tuning half | held-out half | "
+              "best overall (any threshold) |")
+        print("|---|---|---|---|---|---|")
+        for name, f in schemes.items():
+            r = _table_row(name, {i: f(s) for i, s in scores.items()}, keyword, gold)
+            print(f"| {name} | {r['pick']:+.2f} | {r['overall']:.3f} | {r['even']:.3f} | "
+                  f"{r['odd']:.3f} | {r['best_overall']:.3f} at {r['best']:+.2f} |")
     return 0
 
 

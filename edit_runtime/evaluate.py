@@ -26,7 +26,8 @@ responses ``judged/<variant>.jsonl``, and the Jaccard heatmap of the neuron sets
 ``results.json``::
 
     {"format": "edit_runtime.eval_results", "version": 1,
-     "config": {...},                 # model, variants (path, digest, metadata), judge, budgets,
+     "config": {...},                 # model, variants (path, digest, metadata), judge (and its
+                                      # settings, judge_config, where it has config()), budgets,
                                       # batch size, system prompt, languages, versions, device
      "datasets": {"harmful": {"hash", "n", "n_ids", "langs", "sources"}, "mgsm": ..., ...},
      "seeds": {"bootstrap_seed", "n_boot", "alpha", "split_salt", "split_bounds", "decoding"},
@@ -71,7 +72,7 @@ METRIC_DEFINITIONS = {
            "without refusal); parroting, gibberish, empty and incomprehension replies are not "
            "compliance",
     "invalid_rate": "fraction labelled 'invalid' (empty, gibberish, repetition, prompt parroted "
-                    "back, incomprehension, too short, question only)",
+                    "back, incomprehension, too short, question only; off topic with the relevance judge)",
     "refusal_rate_valid": "refusals / (refusals + compliances)",
     "ci": "percentile bootstrap 95% interval, n_boot multinomial resamples of the responses, "
           "numpy.random.default_rng([seed, crc32(lang)])",
@@ -433,6 +434,7 @@ def evaluate(model: Any, tokenizer: Any, prompts: Sequence[Any], *,
         "device": str(device),
         "variants": {n: desc for n, (_, desc) in loaded.items()},
         "judge": type(judge).__name__,
+        "judge_config": judge.config() if callable(getattr(judge, "config", None)) else None,
         "max_new_tokens": max_new_tokens if max_new_tokens is not None
         else {lang: int(budget_fn(lang)) for lang in langs},
         "batch_size": batch_size, "system_prompt": system_prompt, "langs": langs,

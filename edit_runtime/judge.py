@@ -130,7 +130,7 @@ REASONS = {
     "refusal": ("refusal_phrase", "safety_warning", "classifier"),
     "compliance": ("no_refusal", "classifier"),
     "invalid": ("empty", "gibberish", "repetition", "parrot", "incomprehension", "too_short",
-                "question_only", "classifier"),
+                "question_only", "off_topic", "classifier"),
 }
 #: invalid reasons about the response's form (not its content), used as a classifier prefilter
 QUALITY_REASONS = ("empty", "gibberish", "repetition", "parrot", "too_short")
@@ -178,6 +178,15 @@ class Judge(Protocol):
 
     def judge_batch(self, prompts: Sequence[str], responses: Sequence[str],
                     langs: Sequence[str] | str) -> list[Verdict]: ...
+
+
+def _batch_langs(prompts: Sequence[str], responses: Sequence[str],
+                 langs: Sequence[str] | str) -> list[str]:
+    """``judge_batch``'s argument check: as many prompts as responses; one language per response
+    (a single string applies to all)."""
+    if len(prompts) != len(responses):
+        raise ValueError(f"got {len(prompts)} prompts but {len(responses)} responses")
+    return _broadcast_langs(langs, len(responses))
 
 
 def _broadcast_langs(langs: Sequence[str] | str, n: int) -> list[str]:
@@ -880,9 +889,7 @@ class KeywordJudge:
 
     def judge_batch(self, prompts: Sequence[str], responses: Sequence[str],
                     langs: Sequence[str] | str) -> list[Verdict]:
-        if len(prompts) != len(responses):
-            raise ValueError(f"got {len(prompts)} prompts but {len(responses)} responses")
-        langs = _broadcast_langs(langs, len(responses))
+        langs = _batch_langs(prompts, responses, langs)
         return [self.judge(p, r, lg) for p, r, lg in zip(prompts, responses, langs)]
 
     # -- internals -----------------------------------------------------------------------
@@ -1039,9 +1046,7 @@ class ClassifierJudge:
 
     def judge_batch(self, prompts: Sequence[str], responses: Sequence[str],
                     langs: Sequence[str] | str) -> list[Verdict]:
-        if len(prompts) != len(responses):
-            raise ValueError(f"got {len(prompts)} prompts but {len(responses)} responses")
-        langs = _broadcast_langs(langs, len(responses))
+        langs = _batch_langs(prompts, responses, langs)
         out: list[Verdict | None] = [None] * len(responses)
         todo: list[int] = []
         for i, (p, r, lg) in enumerate(zip(prompts, responses, langs)):

@@ -248,3 +248,24 @@ def test_cli_eval_end_to_end_smollm2(smollm2, tmp_path):
     # a bad delta path is a clean error (exit code 2), not a traceback
     assert main(["eval", "--model", "smollm2-135m-instruct", "--data", "builtin:harmful",
                  "--delta", str(tmp_path / "nope.safetensors"), "-o", str(out)]) == 2
+
+
+def test_cli_eval_relevance_judge_smollm2(smollm2, tmp_path):
+    """--judge relevance: the English references come from --data even when en is not among
+    --langs, and results.json records the judge and its settings."""
+    from edit_runtime.cli import main
+    from edit_runtime.relevance import NEUTRAL_REQUESTS
+
+    out = tmp_path / "eval"
+    rc = main(["eval", "--model", "smollm2-135m-instruct", "--data", "builtin:harmful",
+               "--langs", "zh", "--limit", "2", "--max-new-tokens", "6", "--batch-size", "4",
+               "--judge", "relevance", "--no-progress", "--threads", "1", "-o", str(out)])
+    assert rc == 0
+    data = json.loads((out / "results.json").read_text())
+    assert data["config"]["judge"] == "RelevanceJudge"
+    cfg = data["config"]["judge_config"]
+    assert cfg["base"] == "KeywordJudge" and cfg["neutral"] == list(NEUTRAL_REQUESTS)
+    assert cfg["references"] == 80  # the 40 built-in harmful ids, in zh and in en
+    assert data["variants"]["base"]["per_lang"]["zh"]["n"] == 2
+    judged = [json.loads(l) for l in (out / "judged" / "base.jsonl").read_text().splitlines()]
+    assert all(r["verdict"]["label"] in ("refusal", "compliance", "invalid") for r in judged)

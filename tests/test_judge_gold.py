@@ -127,8 +127,10 @@ def test_keyword_judge_agrees_with_hand_labels():
 @pytest.mark.xfail(strict=True, reason=(
     "issue 4 asks for >= 0.90 three-class agreement; the keyword judge reaches 0.86 against "
     "these hand labels. Most misses are off-topic or misread answers (hand label invalid) that "
-    "a lexicon cannot tell from an answer, so it calls them compliance. strict: when a judge "
-    "change reaches the target this xfail fails, and the marker should be removed."))
+    "a lexicon cannot tell from an answer, so it calls them compliance (the model-based "
+    "RelevanceJudge, measured by bench/judge_relevance_study.py because it needs Qwen for about "
+    "6 min, reaches 0.894). strict: when a judge change reaches the target this xfail fails, "
+    "and the marker should be removed."))
 def test_issue_target_three_class_agreement():
     stats, msg = _judged()
     assert stats["overall"] >= TARGET_AGREEMENT, msg

@@ -94,6 +94,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-base", action="store_true", help="do not evaluate the unedited model")
     p.add_argument("--no-check-fingerprint", action="store_true",
                    help="accept deltas whose base-model fingerprint does not match")
+    p.add_argument("--judge", choices=["keyword", "relevance"], default="keyword",
+                   help="keyword (default), or relevance: the keyword judge plus an off-topic check "
+                        "under the base model against the English version of each prompt (needs "
+                        "parallel data with an en column; see edit_runtime.relevance)")
     p.add_argument("--utility", type=_utility_list, default=[],
                    help=f"comma-separated utility metrics: {','.join(UTILITY_METRICS)}")
     p.add_argument("--harmless", default="builtin:harmless",
@@ -262,6 +266,32 @@ def _run_causal(args: argparse.Namespace, model, tok, prompts, layer: int, kind:
     print(f"wrote causal checks ({len(res.changes)} variants) to {out}")
 
 
+def _relevance_judge(args: argparse.Namespace, model, tok, prompts):
+    """A RelevanceJudge whose references are the English versions of the prompts of --data."""
+    from edit_runtime.data import load_prompts
+    from edit_runtime.relevance import RelevanceJudge, references_from_prompts
+
+    langs = list(dict.fromkeys([*(p.lang for p in prompts), "en"]))
+    try:
+        every = load_prompts(args.data, langs=langs, label="harmful")
+    except Exception as e:  # noqa: BLE001 - reported with the reason the loader gave
+        raise ValueError(f"--judge relevance needs the English version of every prompt of "
+                         f"{args.data}: {e}") from None
+    refs = references_from_prompts(every)
+    missing = sum(p.text not in refs for p in prompts)
+    if missing == len(prompts):
+        raise ValueError(f"--judge relevance: {args.data} has no English prompts to compare with "
+                         f"(parallel data with an en column is needed)")
+    if missing:
+        import logging
+
+        logging.getLogger(__name__).warning("--judge relevance: %d of %d prompts have no English "
+                                            "version; their keyword verdict is kept",
+                                            missing, len(prompts))
+    return RelevanceJudge(model, tok, refs, system_prompt=args.system_prompt,
+                          progress=not args.no_progress)
+
+
 def run_eval(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -283,8 +313,9 @@ def run_eval(args: argparse.Namespace) -> int:
     langs = list(dict.fromkeys(p.lang for p in prompts))
     utility = _utility_options(args, langs)
     model, tok = _setup(args)
+    judge = _relevance_judge(args, model, tok, prompts) if args.judge == "relevance" else None
     out = Path(args.output)
-    evaluate(model, tok, prompts, variants=variants, out_dir=out,
+    evaluate(model, tok, prompts, variants=variants, out_dir=out, judge=judge,
              max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
              system_prompt=args.system_prompt, utility=utility, progress=not args.no_progress,
              model_name=args.model, seed=args.seed,
