@@ -186,12 +186,9 @@ def _batch_langs(prompts: Sequence[str], responses: Sequence[str],
                  langs: Sequence[str] | str) -> list[str]:
     """``judge_batch``'s argument check: as many prompts as responses; one language per response
     (a single string applies to all)."""
-    if len(prompts) != len(responses):
-        raise ValueError(f"got {len(prompts)} prompts but {len(responses)} responses")
-    return _broadcast_langs(langs, len(responses))
-
-
-def _broadcast_langs(langs: Sequence[str] | str, n: int) -> list[str]:
+    n = len(responses)
+    if len(prompts) != n:
+        raise ValueError(f"got {len(prompts)} prompts but {n} responses")
     if isinstance(langs, str):
         return [langs] * n
     langs = list(langs)

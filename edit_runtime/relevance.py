@@ -60,23 +60,17 @@ def references_from_prompts(prompts: Iterable[Any], *, anchor_lang: str = "en") 
 
 def _encode_pairs(tokenizer: Any, pairs: Sequence[tuple[str, str]], max_response_tokens: int,
                   system_prompt: str | None) -> list[tuple[list[int], list[int]]]:
-    from edit_runtime.data import render_chat
+    """Token ids of each pair's chat-rendered context and truncated response. Every distinct
+    context and response is encoded once (the neutral requests recur for every response, and
+    every response for each of its contexts)."""
+    from edit_runtime.capture import encode_prompts
 
-    out = []
-    for context, response in pairs:
-        ctx = tokenizer(render_chat(tokenizer, context, system_prompt),
-                        add_special_tokens=False)["input_ids"]
-        ans = tokenizer(response, add_special_tokens=False)["input_ids"][:max_response_tokens]
-        out.append((list(ctx), list(ans)))
-    return out
-
-
-def _pad_token(tokenizer: Any) -> int:
-    for attr in ("pad_token_id", "eos_token_id"):
-        v = getattr(tokenizer, attr, None)
-        if v is not None:
-            return int(v[0] if isinstance(v, list) else v)
-    return 0
+    contexts = list(dict.fromkeys(c for c, _ in pairs))
+    responses = list(dict.fromkeys(r for _, r in pairs))
+    ctx_ids = dict(zip(contexts, encode_prompts(tokenizer, contexts, system_prompt=system_prompt)))
+    ans_ids = dict(zip(responses, tokenizer(responses, add_special_tokens=False)["input_ids"]
+                       if responses else []))
+    return [(ctx_ids[c], list(ans_ids[r])[:max_response_tokens]) for c, r in pairs]
 
 
 @torch.no_grad()
@@ -95,6 +89,8 @@ def response_logprobs(model: Any, tokenizer: Any, pairs: Sequence[tuple[str, str
     """
     from tqdm.auto import tqdm
 
+    from edit_runtime.capture import _pad_id
+    from edit_runtime.generation import _device, _linears
     from edit_runtime.packed_linear import packed_linears
 
     if max_response_tokens < 1 or batch_size < 1:
@@ -102,13 +98,12 @@ def response_logprobs(model: Any, tokenizer: Any, pairs: Sequence[tuple[str, str
     enc = _encode_pairs(tokenizer, pairs, max_response_tokens, system_prompt)
     scores = [math.nan] * len(enc)
     todo = sorted((i for i, (_, a) in enumerate(enc) if a), key=lambda i: -sum(map(len, enc[i])))
-    device = next(iter(model.parameters())).device
-    pad = _pad_token(tokenizer)
+    device = _device(model)
+    pad = _pad_id(tokenizer)
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    linears = [m for m in model.modules() if type(m) is torch.nn.Linear]
     bar = tqdm(total=len(todo), desc="relevance", unit="pair", disable=not progress, leave=False)
-    with packed_linears(linears), bar:
+    with packed_linears(_linears(model)), bar:
         for s in range(0, len(todo), batch_size):
             idx = todo[s:s + batch_size]
             seqs = [enc[i][0] + enc[i][1] for i in idx]
