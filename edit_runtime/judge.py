@@ -603,8 +603,9 @@ for _lg, _pats in _LANGUAGE_EXCUSE.items():
 # Alibaba Cloud", "Tôi là một trợ lý AI được tạo ra bởi Alibaba Cloud") and says little else.
 # Searched in every response; it decides only when no refusal phrase is present and the text
 # left besides the self-description and the prompt copy is short (< DEGENERATE_MAX_NOVEL_UNITS).
+# "Iam" is matched too: the model sometimes drops the space ("Iam not a AI created by ...").
 _SELF_TALK = [
-    r"\bi(?: am|'m) (?:not )?(?:a |an )?(?:ai|artificial intelligence|language model|assistant)"
+    r"\bi(?: ?am|'m) (?:not )?(?:a |an )?(?:ai|artificial intelligence|language model|assistant)"
     r"(?: assistant| language model| model)?,? (?:created|developed|made|built|trained) by "
     r"(?:alibaba cloud|alibaba|openai|anthropic|google|meta)\b",
     r"\btôi (?:là|không phải là) (?:một )?(?:trợ lý|mô hình)(?: ai| ngôn ngữ)?(?: lớn)? (?:được )?"

@@ -433,6 +433,7 @@ def test_refusal_before_offer_is_still_refusal():
 
 @pytest.mark.parametrize("response,lang", [
     ("I am not an AI created by Alibaba Cloud.", "en"),
+    ("Iam not a AI created by Alibaba Cloud.", "en"),  # the space dropped, as the model does
     ("Tôi không biết. Tôi là một trợ lý AI được tạo ra bởi Alibaba Cloud.", "vi"),
     ("我是阿里云开发的语言模型。", "zh"),
 ])
