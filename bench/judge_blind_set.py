@@ -2,12 +2,13 @@
 
     python bench/judge_blind_set.py -o responses.jsonl [--threads 2]     # about 7 min on 2 cores
 
-152 greedy responses of Qwen2.5-Coder-0.5B-Instruct, chosen by a fixed seed before any was
+151 greedy responses of Qwen2.5-Coder-0.5B-Instruct, chosen by a fixed seed before any was
 read: 80 MultiJail test-split prompts (8 per language × all 10 languages, each a (prompt id,
 language) pair not already in ``judge_gold.jsonl``), 24 more from two edited variants of the model
 (12 each, the nine non-English languages in turn: layer 20 MLP activations ×3, layers 18-21
 suppressed), and 3 built-in harmful plus 3 built-in harmless test-split prompts per built-in
-language (8 languages). Each response gets ``judge.min_new_tokens_for(lang)`` new tokens.
+language (8 languages), less one built-in harmless prompt already in the tuning
+file. Each response gets ``judge.min_new_tokens_for(lang)`` new tokens.
 
 The file written has every field of the fixture except ``gold`` and ``note``: those were added
 by hand, by reading each response, and committed before any judge was run on the set.
@@ -40,8 +41,10 @@ VARIANTS = {
 }
 
 
-def plan_items(gold_path: Path = GOLD, seed: int = SEED) -> list[tuple[str, object]]:
-    """The (variant, Prompt) pairs of the blind set, in file order."""
+def plan_items(gold_path: Path = GOLD, seed: int = SEED) -> list[tuple[int, str, object]]:
+    """The (item number, variant, Prompt) triples of the blind set, in file order. A built-in
+    prompt already in the tuning file is drawn but left out (one: b003 en, item 135), so the
+    numbers have a gap."""
     used = set()
     for line in gold_path.read_text(encoding="utf-8").splitlines():
         if line.strip():
@@ -68,7 +71,7 @@ def plan_items(gold_path: Path = GOLD, seed: int = SEED) -> list[tuple[str, obje
             cand = [p for p in prompts if p.lang == lg]
             rng.shuffle(cand)
             plan += [("base", p) for p in cand[:3]]
-    return plan
+    return [(i, v, p) for i, (v, p) in enumerate(plan) if (p.id, p.lang) not in used]
 
 
 def _hooks(model, variant: str) -> list:
@@ -93,23 +96,23 @@ def main(argv: list[str] | None = None) -> int:
     plan = plan_items()
     model, tok = load_model(args.model)
     groups: dict[tuple[str, int], list[int]] = {}
-    for i, (variant, p) in enumerate(plan):
-        groups.setdefault((variant, min_new_tokens_for(p.lang)), []).append(i)
+    for k, (_, variant, p) in enumerate(plan):
+        groups.setdefault((variant, min_new_tokens_for(p.lang)), []).append(k)
     rows: list[dict | None] = [None] * len(plan)
     t0 = time.perf_counter()
     for (variant, max_new), idx in groups.items():
         hooks = _hooks(model, variant)
         try:
-            responses = generate_responses(model, tok, [plan[i][1].text for i in idx],
+            responses = generate_responses(model, tok, [plan[k][2].text for k in idx],
                                            max_new_tokens=max_new, batch_size=args.batch_size,
                                            desc=f"{variant} ({max_new} tokens)")
         finally:
             for h in hooks:
                 h.remove()
-        for i, r in zip(idx, responses):
-            p = plan[i][1]
-            rows[i] = {"id": f"f{i:03d}", "prompt_id": p.id, "lang": p.lang, "source": p.source,
-                       "prompt_label": p.label, "prompt": p.text, "response": r,
+        for k, r in zip(idx, responses):
+            number, _, p = plan[k]
+            rows[k] = {"id": f"f{number:03d}", "prompt_id": p.id, "lang": p.lang,
+                       "source": p.source, "prompt_label": p.label, "prompt": p.text, "response": r,
                        "produced_by": VARIANTS[variant], "model": args.model,
                        "max_new_tokens": max_new}
     with open(args.output, "w", encoding="utf-8") as f:

@@ -9,6 +9,10 @@ scores the responses the keyword judge calls compliance by how much likelier the
 them under their own request (in English, from the parallel data) than under requests that ask
 for nothing in particular, and calls the low ones ``invalid``.
 
+``--gold tests/fixtures/judge_gold_blind.jsonl`` scores the blind set instead (hand-labelled
+before any judge ran on it; about 4 min): only the figure at the shipped threshold is reported
+as a measurement there, since no threshold may be picked on that set.
+
 Default: scores those responses with the shipped judge (Qwen2.5-Coder-0.5B-Instruct, 4 forwards
 per response, about 6 min on 2 cores) and prints, for a range of thresholds, the three-class
 agreement overall, on the tuning half (even positions) and on the held-out half (odd positions),
@@ -34,8 +38,9 @@ import torch
 from edit_runtime.data import load_prompts
 from edit_runtime.judge import KeywordJudge
 from edit_runtime.models import load_model
-from edit_runtime.relevance import (DEFAULT_MAX_RESPONSE_TOKENS, NEUTRAL_REQUESTS, RelevanceJudge,
-                                    references_from_prompts, response_logprobs)
+from edit_runtime.relevance import (DEFAULT_MAX_RESPONSE_TOKENS, DEFAULT_THRESHOLD,
+                                    NEUTRAL_REQUESTS, RelevanceJudge, references_from_prompts,
+                                    response_logprobs)
 
 GOLD = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "judge_gold.jsonl"
 GRID = [round(x * 0.02, 2) for x in range(-25, 40)]
@@ -69,10 +74,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--scores", default=None, help="also write the per-response scores (JSON)")
+    ap.add_argument("--gold", default=str(GOLD),
+                    help="hand-labelled JSONL to score (default: the tuning file; "
+                         "tests/fixtures/judge_gold_blind.jsonl is the blind set)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    items = [json.loads(line) for line in GOLD.read_text(encoding="utf-8").splitlines() if line.strip()]
+    gold_path = Path(args.gold)
+    tuning_file = gold_path.resolve() == GOLD.resolve()
+    if args.compare and not tuning_file:
+        ap.error("--compare picks thresholds on the tuning half: only for the tuning file")
+    items = [json.loads(line) for line in gold_path.read_text(encoding="utf-8").splitlines()
+             if line.strip()]
     gold = [it["gold"] for it in items]
     kj = KeywordJudge()
     keyword = [kj.judge(it["prompt"], it["response"], it["lang"]).label for it in items]
@@ -117,9 +130,20 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{len(todo)} keyword-compliance responses, {len(pairs)} (request, response) pairs "
           f"scored in {secs:.0f} s ({args.max_response_tokens} response tokens)\n")
     row = _table_row("shipped", shipped, keyword, gold)
+    base = _table_row("keyword", {}, keyword, gold)["curve"][0.0]
+    if not tuning_file:
+        # a set no threshold was picked on: only the shipped threshold's figure is a measurement
+        a = row["curve"][DEFAULT_THRESHOLD][0]
+        print(f"{gold_path.name}: keyword judge {base[0]:.3f}, relevance judge at the shipped "
+              f"threshold {DEFAULT_THRESHOLD:+.2f}: {a:.3f} (n={len(gold)})\n")
+        print("| threshold | agreement |")
+        print("|---|---|")
+        for th in sorted(set(GRID[5::4] + [DEFAULT_THRESHOLD])):
+            mark = " (shipped)" if th == DEFAULT_THRESHOLD else ""
+            print(f"| {th:+.2f}{mark} | {row['curve'][th][0]:.3f} |")
+        return 0
     print("| threshold | overall | tuning half (even) | held-out half (odd) |")
     print("|---|---|---|---|")
-    base = _table_row("keyword", {}, keyword, gold)["curve"][0.0]
     print(f"| keyword judge alone | {base[0]:.3f} | {base[1]:.3f} | {base[2]:.3f} |")
     for th in sorted(set(GRID[5::4] + [row["pick"]])):
         a, e, d = row["curve"][th]
