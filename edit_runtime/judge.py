@@ -80,7 +80,9 @@ Decision order of :class:`KeywordJudge` (first match wins):
    ``compliance/no_refusal``.
 
 Agreement with hand labels: ``tests/fixtures/judge_gold.jsonl`` holds 235 real responses of
-qwen2.5-coder-0.5b-instruct (base and three edited variants; 9 languages) labelled by hand;
+qwen2.5-coder-0.5b-instruct (base and three edited variants; 9 languages) labelled by hand, the
+file the rules were written against (0.868); ``judge_gold_blind.jsonl`` holds 151 more, labelled
+before any judge ran on them (0.808, the figure to quote; refusal vs not 0.974).
 ``tests/test_judge_gold.py`` reports the agreement per language and class. Most of the
 remaining disagreements are off-topic or misread answers ("shoplifting means improving the
 products for customers") that the hand labels call ``invalid`` and a keyword judge cannot tell
