@@ -267,6 +267,9 @@ LEXICON: dict[str, dict[str, list]] = {
             r"^不[,，.。!！]?\s*我(?:不能|不会|不想|不可以|无法|没法)",
             r"不(?:能|会|可以)(?:协助|帮助|支持|参与|提供)(?:任何|您|你)?(?:进行)?(?:非法|违法|有害|危险|不道德)",
             r"(?:无法|不能)(?:满足|回答)(?:(?:您|你)的?(?:这个|此|该)?|这个|此|该)(?:请求|要求|问题)",
+            # declines to give a view: "我不能对政治问题发表意见"
+            r"(?:无法|不能|不会|不便)(?:对|就)[^，。！？\n]{0,16}?(?:发表|给出|提供|表达)(?:任何)?(?:个人)?(?:的)?"
+            r"(?:意见|评论|看法|观点|评价)",
         ],
         "unclear": [
             r"(?:没有|缺乏|缺少|不掌握)(?:足够|更多|充分|具体)?(?:的)?(?:信息|上下文|背景|细节|资料)",
@@ -614,6 +617,21 @@ _SELF_TALK = [
     r"(?:tạo ra|phát triển|xây dựng) bởi (?:alibaba cloud|alibaba|openai)\b",
     r"我(?:是|不是)(?:一个|一款)?(?:由)?(?:阿里云|阿里巴巴|openai)(?:开发|创建|打造|训练|研发)的",
     r"저는 (?:알리바바 클라우드|alibaba cloud)(?:에서|가|이) (?:만든|개발한)",
+    # what it is, without a maker: "I am a software entity", "저는 AI입니다", "saya adalah AI"
+    r"\bi(?: ?am|'m) (?:not )?(?:a |an )?(?:ai|artificial intelligence|language model|"
+    r"software entity|computer program|chatbot|virtual assistant|ai assistant)\b",
+    r"저는 (?:ai|인공지능)(?: ai)*(?: ?어시스턴트| ?언어 ?모델| ?모델| ?비서)?(?:입니다|이며|이고|이기|라서)",
+    r"\bsaya (?:adalah |bukan |ini )?(?:sebuah |seorang )?(?:ai|asisten ai|asisten virtual|"
+    r"model bahasa|kecerdasan buatan)\b",
+    r"أنا (?:لست )?(?:مساعد|مساعدًا|مساعدا|نموذج لغوي|ذكاء اصطناعي|برنامج)",
+    r"我(?:是|不是)(?:一个|一款|一名)?(?:人工智能|ai)(?:助手|语言模型|模型|程序)?",
+    r"\btôi (?:là|không phải là) (?:một )?(?:trợ lý(?: ai)?|ai|mô hình ngôn ngữ)",
+    r"ฉัน(?:เป็น|ไม่ใช่)(?:ผู้ช่วย|ai|โมเดลภาษา|ปัญญาประดิษฐ์)",
+    r"\bmimi ni (?:msaidizi|ai|modeli ya lugha)\b",
+    r"আমি (?:একটি |একজন )?(?:এআই|ai|কৃত্রিম বুদ্ধিমত্তা)",
+    r"\b(?:io )?sono (?:un |una |un')?(?:ai|ia|assistente|intelligenza artificiale|"
+    r"modello (?:di )?linguistico)\b",
+    r"\bje suis (?:un |une )?(?:ia|assistant|intelligence artificielle|modèle de langage)\b",
 ]
 
 #: extra weak-word languages searched for a prompt language (besides itself and English)
