@@ -41,15 +41,31 @@ VARIANTS = {
 }
 
 
-def plan_items(gold_path: Path = GOLD, seed: int = SEED) -> list[tuple[int, str, object]]:
-    """The (item number, variant, Prompt) triples of the blind set, in file order. A built-in
-    prompt already in the tuning file is drawn but left out (one: b003 en, item 135), so the
-    numbers have a gap."""
+#: the blind sets: (seed, labelled files whose (prompt id, language) pairs are excluded, whether
+#: excluded built-in prompts are removed before the draw (set 2) or drawn and then dropped, as
+#: set 1 was made), item-id prefix
+BLIND_SETS = {
+    1: (SEED, ("judge_gold.jsonl",), False, "f"),
+    2: (SEED + 1, ("judge_gold.jsonl", "judge_gold_blind.jsonl"), True, "s"),
+}
+
+
+def _used_pairs(paths) -> set[tuple[str, str]]:
     used = set()
-    for line in gold_path.read_text(encoding="utf-8").splitlines():
-        if line.strip():
-            it = json.loads(line)
-            used.add((it["prompt_id"], it["lang"]))
+    for path in paths:
+        for line in Path(path).read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                it = json.loads(line)
+                used.add((it["prompt_id"], it["lang"]))
+    return used
+
+
+def plan_items(which: int = 1) -> list[tuple[str, str, object]]:
+    """The (item id, variant, Prompt) triples of blind set ``which``, in file order. Set 1 drew
+    one built-in prompt already in the tuning file and left it out (b003 en, item 135), so its
+    numbers have a gap."""
+    seed, exclude, filter_first, prefix = BLIND_SETS[which]
+    used = _used_pairs(GOLD.parent / name for name in exclude)
     rng = random.Random(seed)
     mj = [p for p in load_prompts("multijail")
           if split_of(p.id) == "test" and (p.id, p.lang) not in used]
@@ -66,12 +82,14 @@ def plan_items(gold_path: Path = GOLD, seed: int = SEED) -> list[tuple[int, str,
             lg = MULTIJAIL_LANGS[1 + j % 9]
             plan.append((variant, by[(free[lg].pop(), lg)]))
     for source in ("builtin:harmful", "builtin:harmless"):
-        prompts = [p for p in load_prompts(source) if split_of(p.id) == "test"]
+        prompts = [p for p in load_prompts(source) if split_of(p.id) == "test"
+                   and not (filter_first and (p.id, p.lang) in used)]
         for lg in sorted({p.lang for p in prompts}):
             cand = [p for p in prompts if p.lang == lg]
             rng.shuffle(cand)
             plan += [("base", p) for p in cand[:3]]
-    return [(i, v, p) for i, (v, p) in enumerate(plan) if (p.id, p.lang) not in used]
+    return [(f"{prefix}{i:03d}", v, p) for i, (v, p) in enumerate(plan)
+            if (p.id, p.lang) not in used]
 
 
 def _hooks(model, variant: str) -> list:
@@ -87,13 +105,15 @@ def _hooks(model, variant: str) -> list:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("-o", "--output", required=True, help="JSONL file to write")
+    ap.add_argument("--set", type=int, default=1, choices=sorted(BLIND_SETS),
+                    help="1: judge_gold_blind.jsonl, 2: judge_gold_blind2.jsonl")
     ap.add_argument("--model", default="qwen2.5-coder-0.5b-instruct")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=8)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    plan = plan_items()
+    plan = plan_items(args.set)
     model, tok = load_model(args.model)
     groups: dict[tuple[str, int], list[int]] = {}
     for k, (_, variant, p) in enumerate(plan):
@@ -110,8 +130,8 @@ def main(argv: list[str] | None = None) -> int:
             for h in hooks:
                 h.remove()
         for k, r in zip(idx, responses):
-            number, _, p = plan[k]
-            rows[k] = {"id": f"f{number:03d}", "prompt_id": p.id, "lang": p.lang,
+            item_id, _, p = plan[k]
+            rows[k] = {"id": item_id, "prompt_id": p.id, "lang": p.lang,
                        "source": p.source, "prompt_label": p.label, "prompt": p.text, "response": r,
                        "produced_by": VARIANTS[variant], "model": args.model,
                        "max_new_tokens": max_new}
