@@ -239,6 +239,8 @@ def main(argv: list[str] | None = None) -> int:
         stats: list[PhaseStats] = []
         t_start = time.perf_counter()
         for rnd in range(args.rounds):
+            if time.monotonic() > deadline:
+                break  # a round started past the deadline would send nothing
             order = phases[:]
             rng.shuffle(order)
             for phase in order:
@@ -274,6 +276,13 @@ def print_table(stats: list[PhaseStats], args: argparse.Namespace, total: float)
           f"{args.rounds} round(s), max batch {args.max_batch_size}, {args.threads} torch thread(s); "
           f"{total:.0f} s in all{' (cut short by --time-limit)' if any(s.cut_short for s in stats) else ''}")
     print()
+    # a phase cut short by --time-limit ran a lighter load (fewer clients at the end): its requests
+    # count for errors and latencies, but only complete phases count for throughput
+    complete = [s for s in stats if not s.cut_short]
+    dropped = len(stats) - len(complete)
+    if dropped:
+        print(f"({dropped} phase(s) cut short by --time-limit: left out of tokens/s and the ratios)")
+        print()
     print("| phase | requests | errors | tokens/s | latency p50 | latency p95 | TTFT p50 | TTFT p95 | mean batch |")
     print("|---|---|---|---|---|---|---|---|---|")
     for phase in PHASES:
@@ -283,19 +292,21 @@ def print_table(stats: list[PhaseStats], args: argparse.Namespace, total: float)
         ok = [r for s in runs for r in s.results if r.ok]
         lat = [r.latency for r in ok]
         ttft = [r.ttft for r in ok if r.ttft is not None]
-        tps = statistics.median(s.tokens_per_s for s in runs)
+        full = [s.tokens_per_s for s in complete if s.phase == phase]
+        tps = f"{statistics.median(full):,.1f}" if full else "n/a"
         batches = [s.mean_batch for s in runs if s.mean_batch is not None]
         batch = f"{statistics.mean(batches):.1f}" if batches else "n/a"
-        print(f"| {phase} | {sum(len(s.results) for s in runs)} | {sum(s.errors for s in runs)} | {tps:,.1f} | "
+        print(f"| {phase} | {sum(len(s.results) for s in runs)} | {sum(s.errors for s in runs)} | {tps} | "
               f"{fmt_ms(pct(lat, .5))} | {fmt_ms(pct(lat, .95))} | {fmt_ms(pct(ttft, .5))} | "
               f"{fmt_ms(pct(ttft, .95))} | {batch} |")
     print()
-    off = {s.round: s.tokens_per_s for s in stats if s.phase == "off"}
+    off = {s.round: s.tokens_per_s for s in complete if s.phase == "off"}
     for phase, label in (("on", "edit on / off"), ("mixed", "mixed / off"), ("unpatched", "unpatched / off")):
-        ratios = [s.tokens_per_s / off[s.round] for s in stats if s.phase == phase and off.get(s.round)]
+        ratios = [s.tokens_per_s / off[s.round] for s in complete if s.phase == phase and off.get(s.round)]
         if ratios:
             per = ", ".join(f"{r:.3f}" for r in ratios)
-            print(f"throughput {label}: {statistics.median(ratios):.3f} (median of rounds: {per})")
+            print(f"throughput {label}: {statistics.median(ratios):.3f} (median over {len(ratios)} "
+                  f"round(s); per round: {per})")
 
 
 if __name__ == "__main__":
