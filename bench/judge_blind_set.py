@@ -1,6 +1,7 @@
-"""Generate the responses of ``tests/fixtures/judge_gold_blind.jsonl`` (the judge's blind set).
+"""Generate the responses of the judge's blind sets (``tests/fixtures/judge_gold_blind.jsonl``,
+``--set 2``: ``judge_gold_blind2.jsonl``).
 
-    python bench/judge_blind_set.py -o responses.jsonl [--threads 2]     # about 7 min on 2 cores
+    python bench/judge_blind_set.py -o responses.jsonl [--set 2] [--threads 2]   # ~5-7 min, 2 cores
 
 151 greedy responses of Qwen2.5-Coder-0.5B-Instruct, chosen by a fixed seed before any was
 read: 80 MultiJail test-split prompts (8 per language × all 10 languages, each a (prompt id,
@@ -10,8 +11,10 @@ suppressed), and 3 built-in harmful plus 3 built-in harmless test-split prompts 
 language (8 languages), less one built-in harmless prompt already in the tuning
 file. Each response gets ``judge.min_new_tokens_for(lang)`` new tokens.
 
-The file written has every field of the fixture except ``gold`` and ``note``: those were added
-by hand, by reading each response, and committed before any judge was run on the set.
+Set 2 draws the same way with the next seed, after removing every (prompt id, language) pair of
+both earlier files (152 responses). The file written has every field of the fixture except
+``gold``, ``note`` (and, for set 2, ``labels``): those were added by hand, by reading each
+response, and committed before any judge was run on the set (tests/fixtures/JUDGE_LABELS.md).
 """
 from __future__ import annotations
 
