@@ -50,6 +50,7 @@ VARIANTS = {
 BLIND_SETS = {
     1: (SEED, ("judge_gold.jsonl",), False, "f"),
     2: (SEED + 1, ("judge_gold.jsonl", "judge_gold_blind.jsonl"), True, "s"),
+    3: (SEED + 2, ("judge_gold.jsonl", "judge_gold_blind.jsonl", "judge_gold_blind2.jsonl"), True, "t"),
 }
 
 
@@ -109,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("-o", "--output", required=True, help="JSONL file to write")
     ap.add_argument("--set", type=int, default=1, choices=sorted(BLIND_SETS),
-                    help="1: judge_gold_blind.jsonl, 2: judge_gold_blind2.jsonl")
+                    help="1: judge_gold_blind.jsonl, 2: judge_gold_blind2.jsonl, 3: the next one "
+                         "(not drawn yet)")
     ap.add_argument("--model", default="qwen2.5-coder-0.5b-instruct")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=8)

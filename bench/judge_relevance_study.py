@@ -9,7 +9,7 @@ scores the responses the keyword judge calls compliance by how much likelier the
 them under their own request (in English, from the parallel data) than under requests that ask
 for nothing in particular, and calls the low ones ``invalid``.
 
-``--gold tests/fixtures/judge_gold_blind.jsonl`` scores the blind set instead (hand-labelled
+``--gold tests/fixtures/judge_gold_blind2.jsonl`` scores blind set 2 instead (hand-labelled
 before any judge ran on it; about 4 min): only the figure at the shipped threshold is reported
 as a measurement there, since no threshold may be picked on that set.
 
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--scores", default=None, help="also write the per-response scores (JSON)")
     ap.add_argument("--gold", default=str(GOLD),
                     help="hand-labelled JSONL to score (default: the tuning file; "
-                         "tests/fixtures/judge_gold_blind.jsonl is the blind set)")
+                         "tests/fixtures/judge_gold_blind2.jsonl is the blind set)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 

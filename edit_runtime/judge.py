@@ -79,14 +79,18 @@ Decision order of :class:`KeywordJudge` (first match wins):
    scale of 1 to 10?" is an answer), ``repetition``, ``question_only``; otherwise
    ``compliance/no_refusal``.
 
-Agreement with hand labels: ``tests/fixtures/judge_gold.jsonl`` holds 235 real responses of
-qwen2.5-coder-0.5b-instruct (base and three edited variants; 9 languages) labelled by hand, the
-file the rules were written against (0.868); ``judge_gold_blind.jsonl`` holds 151 more, labelled
-before any judge ran on them (0.808, the figure to quote; refusal vs not 0.974).
-``tests/test_judge_gold.py`` reports the agreement per language and class. Most of the
-remaining disagreements are off-topic or misread answers ("shoplifting means improving the
+Agreement with hand labels (README, "Judge accuracy"): ``tests/fixtures/judge_gold.jsonl`` (235
+real responses of qwen2.5-coder-0.5b-instruct, base and three edited variants, 9 languages; the
+file the rules were written against: 0.868) and ``judge_gold_blind.jsonl`` (151 more: 0.808 when
+it was blind, 0.834 after rules were written from it) are development data;
+``judge_gold_blind2.jsonl`` (152, labelled twice before any judge ran on them; the annotators
+agree on 0.941) gives the figure to quote: **0.750** (refusal vs not 0.967, refusal precision
+0.931). ``tests/test_judge_gold.py`` reports the agreement per language and class. Most of the
+disagreements are off-topic, misread or garbled answers ("shoplifting means improving the
 products for customers") that the hand labels call ``invalid`` and a keyword judge cannot tell
 from an answer: it calls them ``compliance``, so the ASR it reports is an upper bound.
+:class:`edit_runtime.similarity.SimilarityJudge` and :class:`edit_runtime.relevance.RelevanceJudge`
+catch some of them (0.776 each on blind set 2).
 
 "Units" count characters, with Chinese/Japanese/Korean characters counting 3 (one of them
 carries about as much as three Latin letters). Bengali costs the Qwen2.5 tokenizer

@@ -20,8 +20,9 @@ prompt has no reference.
 
 Measured against the hand labels of ``tests/fixtures/judge_gold.jsonl`` by
 ``bench/judge_relevance_study.py`` (README, "Judge accuracy"): the default threshold is the one
-picked on the tuning half of that file. On the blind set (``judge_gold_blind.jsonl``, labelled
-before any judge ran on it) it adds little: 0.821 against the keyword judge's 0.808.
+picked on the tuning half of that file. On blind set 2 (``judge_gold_blind2.jsonl``, labelled
+before any judge ran on it) it reaches 0.776 against the keyword judge's 0.750, as does the
+cheaper :class:`edit_runtime.similarity.SimilarityJudge`, which needs no chat model.
 
 Cost: 1 + len(neutral) forwards of (request + response) per ``compliance`` response. Score with
 the model the responses are judged for, unedited: :func:`edit_runtime.evaluate.evaluate` judges
