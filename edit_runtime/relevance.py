@@ -37,7 +37,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 
-from edit_runtime.judge import Judge, KeywordJudge, Verdict, _batch_langs
+from edit_runtime.judge import Judge, OffTopicCheck
 
 __all__ = ["RelevanceJudge", "references_from_prompts", "response_logprobs",
            "DEFAULT_THRESHOLD", "NEUTRAL_REQUESTS", "DEFAULT_MAX_RESPONSE_TOKENS"]
@@ -132,7 +132,7 @@ def response_logprobs(model: Any, tokenizer: Any, pairs: Sequence[tuple[str, str
     return scores
 
 
-class RelevanceJudge:
+class RelevanceJudge(OffTopicCheck):
     """``base`` judge verdicts; a ``compliance`` whose relevance is below ``threshold`` becomes
     ``invalid`` (reason ``off_topic``). See the module docstring.
 
@@ -160,16 +160,9 @@ class RelevanceJudge:
         neutral = list(neutral) if not isinstance(neutral, str) else [neutral]
         if not neutral or not all(isinstance(q, str) and q.strip() for q in neutral):
             raise ValueError(f"neutral must be one or more non-empty requests, got {neutral!r}")
-        try:
-            threshold = float(threshold)
-        except (TypeError, ValueError):
-            raise ValueError(f"threshold must be a number, got {threshold!r}") from None
-        if not math.isfinite(threshold):
-            raise ValueError(f"threshold must be finite, got {threshold!r}")
+        super().__init__(base, threshold)
         self.model, self.tokenizer = model, tokenizer
         self.references = dict(references)
-        self.base = base if base is not None else KeywordJudge()
-        self.threshold = threshold
         self.neutral = neutral
         self.max_response_tokens = max_response_tokens
         self.batch_size = batch_size
@@ -181,11 +174,6 @@ class RelevanceJudge:
         return {"base": type(self.base).__name__, "threshold": self.threshold,
                 "neutral": list(self.neutral), "max_response_tokens": self.max_response_tokens,
                 "references": len(self.references)}
-
-    def min_new_tokens_for(self, lang: str) -> int:
-        from edit_runtime.judge import min_new_tokens_for
-
-        return int(getattr(self.base, "min_new_tokens_for", min_new_tokens_for)(lang))
 
     def relevance(self, prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
         """Relevance of each response to its prompt (NaN without a reference or response tokens)."""
@@ -207,18 +195,10 @@ class RelevanceJudge:
         k = len(self.neutral)
         return [math.nan if s is None else lp[s] - sum(lp[s + 1:s + 1 + k]) / k for s in starts]
 
-    def judge(self, prompt: str, response: str, lang: str) -> Verdict:
-        return self.judge_batch([prompt], [response], [lang])[0]
+    score_name = "relevance"
 
-    def judge_batch(self, prompts: Sequence[str], responses: Sequence[str],
-                    langs: Sequence[str] | str) -> list[Verdict]:
-        langs = _batch_langs(prompts, responses, langs)
-        verdicts = list(self.base.judge_batch(prompts, responses, langs))
-        ask = [i for i, v in enumerate(verdicts)
-               if getattr(v, "label", v) == "compliance" and prompts[i] in self.references]
-        scores = self.relevance([prompts[i] for i in ask], [responses[i] for i in ask])
-        for i, x in zip(ask, scores):
-            if x < self.threshold:  # NaN compares False: no tokens, no change
-                verdicts[i] = Verdict("invalid", "off_topic",
-                                      f"relevance={x:+.3f} < {self.threshold:+.3f}")
-        return verdicts
+    def scores(self, prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
+        return self.relevance(prompts, responses)
+
+    def scorable(self, prompt: str) -> bool:
+        return prompt in self.references

@@ -40,7 +40,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from edit_runtime.judge import Judge, KeywordJudge, Verdict, _batch_langs
+from edit_runtime.judge import Judge, OffTopicCheck
 from edit_runtime.relevance import references_from_prompts
 
 __all__ = ["SimilarityJudge", "E5Embedder", "baseline_requests", "specificity",
@@ -139,7 +139,7 @@ def specificity(embedder: Any, anchors: Sequence[str], responses: Sequence[str],
     return out
 
 
-class SimilarityJudge:
+class SimilarityJudge(OffTopicCheck):
     """``base`` judge verdicts; a ``compliance`` whose :func:`specificity` is below ``threshold``
     becomes ``invalid`` (reason ``off_topic``). See the module docstring.
 
@@ -159,12 +159,7 @@ class SimilarityJudge:
                  baseline: Sequence[str] | None = None) -> None:
         if references is not None and not isinstance(references, Mapping):
             raise TypeError("references must be a {prompt text: English text} mapping or None")
-        try:
-            threshold = float(threshold)
-        except (TypeError, ValueError):
-            raise ValueError(f"threshold must be a number, got {threshold!r}") from None
-        if not math.isfinite(threshold):
-            raise ValueError(f"threshold must be finite, got {threshold!r}")
+        super().__init__(base, threshold)
         baseline = baseline_requests() if baseline is None else list(baseline)
         if len(set(baseline)) < 2 or not all(isinstance(b, str) and b.strip() for b in baseline):
             raise ValueError("baseline must hold at least two distinct non-empty requests")
@@ -173,8 +168,6 @@ class SimilarityJudge:
             raise TypeError(f"embedder must have query(texts) and passage(texts), got "
                             f"{type(embedder).__name__}")
         self.references = dict(references or {})
-        self.base = base if base is not None else KeywordJudge()
-        self.threshold = threshold
         self.embedder = embedder if embedder is not None else E5Embedder()
         self.baseline = baseline
 
@@ -183,11 +176,6 @@ class SimilarityJudge:
         return {"base": type(self.base).__name__, "threshold": self.threshold,
                 "embedder": getattr(self.embedder, "name", type(self.embedder).__name__),
                 "baseline_requests": len(self.baseline), "references": len(self.references)}
-
-    def min_new_tokens_for(self, lang: str) -> int:
-        from edit_runtime.judge import min_new_tokens_for
-
-        return int(getattr(self.base, "min_new_tokens_for", min_new_tokens_for)(lang))
 
     def anchor(self, prompt: str) -> str:
         """The text a reply to ``prompt`` is compared with: its English version if known."""
@@ -198,17 +186,7 @@ class SimilarityJudge:
         return specificity(self.embedder, [self.anchor(p) for p in prompts], responses,
                            self.baseline)
 
-    def judge(self, prompt: str, response: str, lang: str) -> Verdict:
-        return self.judge_batch([prompt], [response], [lang])[0]
+    score_name = "specificity"
 
-    def judge_batch(self, prompts: Sequence[str], responses: Sequence[str],
-                    langs: Sequence[str] | str) -> list[Verdict]:
-        langs = _batch_langs(prompts, responses, langs)
-        verdicts = list(self.base.judge_batch(prompts, responses, langs))
-        ask = [i for i, v in enumerate(verdicts) if getattr(v, "label", v) == "compliance"]
-        scores = self.specificity([prompts[i] for i in ask], [responses[i] for i in ask])
-        for i, x in zip(ask, scores):
-            if x < self.threshold:  # NaN compares False: no text, no change
-                verdicts[i] = Verdict("invalid", "off_topic",
-                                      f"specificity={x:+.3f} < {self.threshold:+.3f}")
-        return verdicts
+    def scores(self, prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
+        return self.specificity(prompts, responses)

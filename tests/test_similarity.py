@@ -68,10 +68,10 @@ def test_empty_responses_score_nan_and_cost_nothing():
 class FixedScores(SimilarityJudge):
     def __init__(self, scores, **kw):
         super().__init__(embedder=HashEmbedder(), baseline=["x", "y"], **kw)
-        self.scores = scores
+        self.fixed = scores
 
     def specificity(self, prompts, responses):
-        return [self.scores[r] for r in responses]
+        return [self.fixed[r] for r in responses]
 
 
 def test_only_low_compliance_becomes_off_topic():
