@@ -1022,6 +1022,13 @@ class OffTopicCheck:
     def scorable(self, prompt: str) -> bool:
         return True
 
+    def base_config(self) -> dict[str, Any]:
+        """The base judge's name, and its settings where it reports them (a stacked check)."""
+        out: dict[str, Any] = {"base": type(self.base).__name__}
+        if callable(getattr(self.base, "config", None)):
+            out["base_config"] = self.base.config()
+        return out
+
     def min_new_tokens_for(self, lang: str) -> int:
         return int(getattr(self.base, "min_new_tokens_for", min_new_tokens_for)(lang))
 

