@@ -895,14 +895,17 @@ class ServingEngine:
             self._fail_all(exc)
             return
         self._attn = attn
+        # The step is counted before any of its tokens reaches a client, so metrics read after a
+        # response include the step that finished it (step time, sampling included, comes after).
+        with self.metrics.lock:
+            self.metrics.counters["decode_steps"] += 1
+            self.metrics.batch_size.observe(B)
         greedy = logits.argmax(dim=-1).tolist()
         for i, seq in enumerate(rows):
             if seq.done:
                 continue
             self._take_token(seq, greedy[i], logits[i], "its token")
         with self.metrics.lock:
-            self.metrics.counters["decode_steps"] += 1
-            self.metrics.batch_size.observe(B)
             self.metrics.step_time.observe(time.perf_counter() - t0)
         self._reshape([s for s in rows if not s.done], {})
 
