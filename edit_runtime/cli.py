@@ -62,6 +62,8 @@ def _cmd_fit(args: argparse.Namespace) -> int:
                            args.split, args.limit, "harmless")
     heldout = (_load_split(args.harmful, [args.anchor_lang, *low], "validation", args.limit, "harmful")
                if args.heldout else None)
+    if args.method == "residual":
+        return _fit_residual(args, low, harmful, harmless)
     cfg = FitConfig(layers=args.layer, low_langs=low, anchor_lang=args.anchor_lang, rank=args.rank,
                     gamma=args.gamma, lam=args.lam, lam_rel=args.lam_rel, constraint=args.constraint,
                     target=args.target, position=args.position, max_neurons=args.max_neurons,
@@ -80,6 +82,29 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     return 0
 
 
+def _fit_residual(args: argparse.Namespace, low: list[str], harmful, harmless) -> int:
+    from edit_runtime.models import load_model
+    from edit_runtime.residual_fit import ResidualFitConfig, fit_residual
+
+    if args.lam is not None:
+        raise SystemExit("--method residual takes --lambda-rel (relative ridge), not --lambda")
+    if len(args.layer) != 1:
+        raise SystemExit(f"--method residual edits one layer; got --layer {','.join(map(str, args.layer))}")
+    cfg = ResidualFitConfig(layer=args.layer[0], low_langs=low, anchor_lang=args.anchor_lang, rank=args.rank,
+                            gamma=args.gamma, harmless_weight=args.harmless_weight,
+                            lam_rel=1e-2 if args.lam_rel is None else args.lam_rel,
+                            system_prompt=args.system_prompt, batch_size=args.batch_size, cache_dir=args.cache_dir)
+    model, tok = load_model(args.model)
+    result = fit_residual(model, tok, harmful, harmless, cfg)
+    path = result.delta.save(args.output)
+    print(f"wrote {path}: {result.delta}")
+    r = result.layers[0]
+    train = "n/a" if r.gap_closed_train is None else f"{r.gap_closed_train:.3f}"
+    print(f"  layer {r.layer}: down_proj, rank={r.rank} lambda={r.lam:.4g} gap closed train {train}")
+    print("  seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in result.seconds.items()))
+    return 0
+
+
 def _add_fit(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("fit", help="fit a closed-form sparse low-rank safety edit -> delta.safetensors")
     p.add_argument("--model", required=True, help="short name, HF folder or hub id")
@@ -89,6 +114,11 @@ def _add_fit(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--harmless", required=True, help="harmless prompts (e.g. builtin:harmless, alpaca)")
     p.add_argument("--harmless-langs", default=None, help="languages of the harmless prompts (default all)")
     p.add_argument("--layer", required=True, type=int_list, help="layer(s) to edit, e.g. 20 or 16,20")
+    p.add_argument("--method", choices=["swe", "residual"], default="swe",
+                   help="swe: SWE's up_proj rows of the safety neurons; residual: one layer's down_proj, "
+                        "last-token residual mapped onto the anchor's (edit_runtime.residual_fit)")
+    p.add_argument("--harmless-weight", type=float, default=4.0,
+                   help="residual: weight of the harmless prompts mapped onto their anchor version")
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--gamma", type=float, default=1.0, help="weight of the harmless term")
     p.add_argument("--lambda", dest="lam", type=float, default=None, help="ridge (default: scale-aware)")

@@ -1,0 +1,323 @@
+"""Residual fit: a closed-form low-rank edit of one layer's ``down_proj`` that maps the
+last-token residual stream of low-resource prompts onto that of their English version.
+
+Why a second recipe. On Qwen2.5-Coder-0.5B the SWE edit (``up_proj`` rows of the English safety
+neurons, :mod:`edit_runtime.fit`) does not move refusals at any layer swept (README, MultiJail
+proof). Oracle interventions located what does: replacing layer 20's *MLP output* at the last
+prompt token with the English prompt's changes nothing for Chinese or Korean, while replacing
+the *residual stream* (the decoder layer's output) there makes the model answer in English and
+refuse. The down projection writes straight into that residual, so its edit can carry it.
+
+The problem (layer ``L``; ``h`` is ``down_proj``'s input ``(d_ff,)`` at a position, ``r`` the
+layer's output ``(d_model,)``; ΔW in paper layout ``(d_ff, d_model)``; ``i`` ranges over the
+last prompt token of harmful prompts of ``low_langs`` with the anchor's version ``i_en`` of the
+same id, ``j`` over the last token of harmless prompts of other languages with an anchor
+version, ``k`` over the keep set)::
+
+    min  Σ_i ‖h_iᵀΔW - (r_{i_en} - r_i)‖² + w Σ_j ‖h_jᵀΔW - (r_{j_en} - r_j)‖²
+       + γ Σ_k ‖h_kᵀΔW‖² + λ‖ΔW‖²                                 rank ΔW <= r
+
+The change of layer ``L``'s output at a position is exactly ``h ΔW`` there, so the targets are
+exact at that layer. The keep set is every prompt position except the last (harmful and
+harmless, all languages: the edit must not change how a prompt is read) plus the anchor
+language's last tokens (English behaviour stays). The harmless rows (weight ``w``,
+``harmless_weight``) map harmless prompts onto *their* English versions, so "answer as in
+English" is learned from both sides and harmless requests are not pushed towards a refusal.
+:func:`edit_runtime.solver.solve` gives the minimiser (``A = Σ h hᵀ`` over i and w·j, ``C`` the
+keep set, ``B = Σ h Dᵀ``). The edit is ``weight += U V`` on every row of ``down_proj``
+(``U = right.T (d_model, r)``, ``V = left.T (r, d_ff)``): low-rank, not row-sparse.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+import edit_runtime
+from edit_runtime.arch import find_decoder_layers, find_mlp
+from edit_runtime.capture import _StopForward, encode_prompts, model_fingerprint
+from edit_runtime.data import Prompt, dataset_hash
+from edit_runtime.delta import ModuleEdit, SparseDelta, compute_fingerprint
+from edit_runtime.fit import FitResult, LayerReport
+from edit_runtime.solver import solve
+
+log = logging.getLogger(__name__)
+
+__all__ = ["ResidualFitConfig", "ResidualStats", "collect_residual_stats", "residual_problem", "fit_residual"]
+
+_STATS_FORMAT = "edit_runtime.residual_stats/1"
+
+
+@dataclass
+class ResidualFitConfig:
+    """Every choice of the residual fit, with its default and why."""
+
+    layer: int = field(metadata={"help": "decoder layer whose down_proj is edited (Qwen2.5-0.5B: 20 of 24)"})
+    low_langs: Sequence[str] = field(
+        default_factory=list, metadata={"help": "languages whose harmful prompts are mapped onto the anchor's"})
+    anchor_lang: str = field(default="en", metadata={"help": "the language whose residual is the target"})
+    rank: int = field(default=16, metadata={"help": "rank r of the edit"})
+    gamma: float = field(default=1.0, metadata={"help": "weight of the keep term (other positions, anchor)"})
+    harmless_weight: float = field(
+        default=4.0, metadata={"help": "weight w of the harmless rows (harmless prompts onto their English "
+                                       "version); 1 -> 4 cut Qwen's harmless over-refusal 0.40 -> 0.27"})
+    lam_rel: float = field(default=1e-2, metadata={"help": "ridge relative to the mean eigenvalue of A + γC"})
+    system_prompt: str | None = field(default=None, metadata={"help": "system prompt for the chat template"})
+    batch_size: int = field(default=8, metadata={"help": "prompts per forward"})
+    cache_dir: str | None = field(default=None, metadata={"help": "statistics cache folder; None = no cache"})
+
+    def __post_init__(self) -> None:
+        self.layer = int(self.layer)
+        self.low_langs = [str(l) for l in self.low_langs]
+        if not self.low_langs:
+            raise ValueError("ResidualFitConfig.low_langs is empty: give the languages to fix")
+        if self.anchor_lang in self.low_langs:
+            raise ValueError(f"anchor language {self.anchor_lang!r} is also among low_langs {self.low_langs}")
+        for name in ("gamma", "harmless_weight"):
+            v = getattr(self, name)
+            if not v >= 0 or v != v:
+                raise ValueError(f"{name} must be >= 0, got {v!r}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+
+
+@dataclass
+class ResidualStats:
+    """What the residual fit needs from one layer, for a list of prompts.
+
+    Attributes:
+        layer: the decoder layer.
+        keys: ``(id, lang, label)`` of each row of ``h_last`` / ``r_last``.
+        h_last: ``down_proj`` input at each prompt's last token, float64 ``(n, d_ff)``.
+        r_last: the layer's output there, float64 ``(n, d_model)``.
+        keep_xtx: ``Σ h hᵀ`` over every other prompt position, float64 ``(d_ff, d_ff)``.
+        keep_count: number of those positions.
+    """
+
+    layer: int
+    keys: list[tuple[str, str, str]]
+    h_last: torch.Tensor
+    r_last: torch.Tensor
+    keep_xtx: torch.Tensor
+    keep_count: int
+
+    def save(self, path: str | Path, meta: dict[str, Any]) -> Path:
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        side = {"format": _STATS_FORMAT, "layer": self.layer, "keys": self.keys,
+                "keep_count": self.keep_count, **meta}
+        tmp = path.with_suffix(".tmp")
+        save_file({"h_last": self.h_last.contiguous(), "r_last": self.r_last.contiguous(),
+                   "keep_xtx": self.keep_xtx.contiguous()}, str(tmp), metadata={"meta": json.dumps(side)})
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> tuple["ResidualStats", dict[str, Any]]:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            side = json.loads((f.metadata() or {}).get("meta", "{}"))
+            if side.get("format") != _STATS_FORMAT:
+                raise ValueError(f"{path}: not a residual statistics file (format {side.get('format')!r})")
+            t = {k: f.get_tensor(k) for k in ("h_last", "r_last", "keep_xtx")}
+        keys = [tuple(k) for k in side["keys"]]
+        return cls(int(side["layer"]), keys, t["h_last"], t["r_last"], t["keep_xtx"], int(side["keep_count"])), side
+
+
+def _layer_output(out: Any) -> torch.Tensor:
+    return out[0] if isinstance(out, tuple) else out
+
+
+@torch.no_grad()
+def collect_residual_stats(model: nn.Module, tokenizer: Any, prompts: Sequence[Prompt], layer: int, *,
+                           system_prompt: str | None = None, batch_size: int = 8,
+                           progress: bool = True) -> ResidualStats:
+    """One forward per prompt (stopped after ``layer``): the last-token ``down_proj`` input and
+    layer output of each prompt, and ``Σ h hᵀ`` over all other positions (see the module doc).
+
+    Prompts are batched by length with left padding and explicit positions, so each row sees
+    exactly what it would alone.
+    """
+    from tqdm.auto import tqdm
+
+    from edit_runtime.capture import _input_device, _make_batch, _pad_id
+
+    info = find_mlp(model, layer)
+    _, blocks = find_decoder_layers(model)
+    block = blocks[info.layer]
+    down = model.get_submodule(info.down)
+    device = _input_device(model)
+    seqs = encode_prompts(tokenizer, [p.text for p in prompts], system_prompt=system_prompt)
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+    h_last = torch.zeros(len(seqs), info.d_ff, dtype=torch.float64)
+    r_last = torch.zeros(len(seqs), info.d_model, dtype=torch.float64)
+    keep = torch.zeros(info.d_ff, info.d_ff, dtype=torch.float64)
+    count = 0
+    got: dict[str, torch.Tensor] = {}
+
+    def grab_h(_m, args):
+        got["h"] = args[0]
+
+    def grab_r(_m, _args, out):
+        got["r"] = _layer_output(out)
+        raise _StopForward
+
+    hooks = [down.register_forward_pre_hook(grab_h), block.register_forward_hook(grab_r)]
+    was_training = model.training
+    model.eval()
+    bar = tqdm(total=len(seqs), desc=f"residual stats, layer {info.layer}", unit="prompt", disable=not progress)
+    try:
+        for s in range(0, len(order), batch_size):
+            idx = order[s:s + batch_size]
+            b = _make_batch([seqs[i] for i in idx], pad_id=_pad_id(tokenizer), side="left", device=device)
+            try:
+                model(input_ids=b.input_ids, attention_mask=b.attention_mask, position_ids=b.position_ids,
+                      use_cache=False)
+            except _StopForward:
+                pass
+            h = got.pop("h").double().cpu()                       # (B, T, d_ff)
+            r = got.pop("r").double().cpu()                       # (B, T, d_model)
+            h_last[idx] = h[:, -1]
+            r_last[idx] = r[:, -1]
+            other = b.attention_mask.cpu().bool().clone()
+            other[:, -1] = False                                  # left padding: the last column is the last token
+            x = h[other]                                          # (positions, d_ff)
+            keep += x.T @ x
+            count += int(x.shape[0])
+            bar.update(len(idx))
+    finally:
+        bar.close()
+        for hk in hooks:
+            hk.remove()
+        model.train(was_training)
+    keys = [(p.id, p.lang, p.label) for p in prompts]
+    return ResidualStats(info.layer, keys, h_last, r_last, keep, count)
+
+
+def residual_problem(stats: ResidualStats, cfg: ResidualFitConfig) -> dict[str, Any]:
+    """The solver's inputs from the statistics (float64): ``xtx_low`` ``(d_ff, d_ff)``, ``xtd``
+    ``(d_ff, d_model)``, ``xtx_safe`` (the keep set), ``dtd`` and the row counts."""
+    row = {k: i for i, k in enumerate(stats.keys)}
+    harm, safe, anchor = [], [], []
+    for i, (pid, lang, label) in enumerate(stats.keys):
+        target = row.get((pid, cfg.anchor_lang, label))
+        if lang == cfg.anchor_lang:
+            anchor.append(i)
+        elif target is None:
+            continue
+        elif label == "harmful" and lang in cfg.low_langs:
+            harm.append((i, target))
+        elif label == "harmless":
+            safe.append((i, target))
+    if not harm:
+        raise ValueError(f"no harmful prompt of {list(cfg.low_langs)} has a {cfg.anchor_lang!r} version with "
+                         "the same id: the residual targets need parallel prompts")
+    H, R = stats.h_last, stats.r_last
+
+    def rows(pairs):
+        src = torch.tensor([a for a, _ in pairs], dtype=torch.long)
+        dst = torch.tensor([b for _, b in pairs], dtype=torch.long)
+        return H[src], R[dst] - R[src]
+
+    Xh, Dh = rows(harm)
+    xtx, xtd, dtd = Xh.T @ Xh, Xh.T @ Dh, float((Dh * Dh).sum())
+    if safe and cfg.harmless_weight > 0:
+        Xs, Ds = rows(safe)
+        w = cfg.harmless_weight
+        xtx, xtd, dtd = xtx + w * Xs.T @ Xs, xtd + w * Xs.T @ Ds, dtd + w * float((Ds * Ds).sum())
+    Xa = H[torch.tensor(anchor, dtype=torch.long)] if anchor else H[:0]
+    keep = stats.keep_xtx + Xa.T @ Xa
+    return {"xtx_low": xtx, "xtd": xtd, "xtx_safe": keep, "dtd": dtd,
+            "counts": {"harmful_rows": len(harm), "harmless_rows": len(safe) if cfg.harmless_weight > 0 else 0,
+                       "keep_positions": stats.keep_count + len(anchor)}}
+
+
+def _cache_path(model: nn.Module, prompts: Sequence[Prompt], cfg: ResidualFitConfig) -> tuple[Path, dict]:
+    meta = {"model": model_fingerprint(model), "layer": cfg.layer, "prompts_sha256": dataset_hash(prompts),
+            "order_sha256": hashlib.sha256(json.dumps([(p.id, p.lang, p.label) for p in prompts]).encode()).hexdigest(),
+            "system_prompt": cfg.system_prompt}
+    key = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:16]
+    return Path(cfg.cache_dir) / f"residual_L{cfg.layer}_{key}.safetensors", meta
+
+
+def fit_residual(model: nn.Module, tokenizer: Any, harmful: Sequence[Prompt], harmless: Sequence[Prompt],
+                 cfg: ResidualFitConfig, *, progress: bool = True) -> FitResult:
+    """Fits the residual edit (module doc); returns the delta (not applied) and its report.
+
+    Args:
+        model, tokenizer: a loaded causal LM (any architecture :mod:`edit_runtime.arch` finds).
+        harmful: harmful prompts parallel by ``id`` over the anchor and ``low_langs`` (train split).
+        harmless: harmless prompts; those with an anchor version of the same id become harmless
+            rows (weight ``harmless_weight``), the anchor's join the keep set.
+        cfg: :class:`ResidualFitConfig`.
+
+    Raises ``ValueError`` when a language has no prompts or no id is parallel; the model is not
+    modified (statistics are read with hooks only).
+    """
+    t_start = time.perf_counter()
+    seconds: dict[str, float] = {}
+    info = find_mlp(model, cfg.layer)
+    needed = {cfg.anchor_lang, *cfg.low_langs}
+    harmful = [p for p in harmful if p.lang in needed]
+    missing = needed - {p.lang for p in harmful}
+    if missing:
+        raise ValueError(f"no harmful prompts in {sorted(missing)} (have {sorted({p.lang for p in harmful})})")
+    harmful = [p if p.label == "harmful" else _relabel(p, "harmful") for p in harmful]
+    harmless = [p if p.label == "harmless" else _relabel(p, "harmless") for p in harmless]
+    prompts = [*harmful, *harmless]
+    t0 = time.perf_counter()
+    stats = None
+    if cfg.cache_dir:
+        path, meta = _cache_path(model, prompts, cfg)
+        if path.exists():
+            stats, _ = ResidualStats.load(path)
+            log.info("residual statistics from %s", path)
+    if stats is None:
+        stats = collect_residual_stats(model, tokenizer, prompts, cfg.layer, system_prompt=cfg.system_prompt,
+                                       batch_size=cfg.batch_size, progress=progress)
+        if cfg.cache_dir:
+            stats.save(path, meta)
+    seconds["statistics"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    prob = residual_problem(stats, cfg)
+    res = solve(prob["xtx_low"], prob["xtx_safe"], prob["xtd"], gamma=cfg.gamma, rank=cfg.rank,
+                lam_rel=cfg.lam_rel, dtd=prob["dtd"])
+    seconds["solve"] = time.perf_counter() - t0
+    dtype = model.get_submodule(info.down).weight.dtype
+    edit = ModuleEdit(module=info.down, side="out", neurons=torch.arange(info.d_model, dtype=torch.int64),
+                      U=res.right.T.contiguous().to(dtype), V=res.left.T.contiguous().to(dtype))
+    report = LayerReport(layer=info.layer, num_neurons=info.d_model, rank=res.rank, lam=res.lam,
+                         gap_closed_train=res.gap_closed, gap_closed_heldout=None, solve=res.summary())
+    log.info("residual fit, layer %d: rank %d, gap closed on the fit rows %.3f", info.layer, res.rank,
+             res.gap_closed or float("nan"))
+    seconds["total"] = time.perf_counter() - t_start
+    metadata = {
+        "method": "residual-closed-form",
+        "edit_runtime_version": edit_runtime.__version__,
+        "layers": [info.layer],
+        "config": {k: v for k, v in asdict(cfg).items() if k != "cache_dir"},
+        "languages": {"anchor": cfg.anchor_lang, "low": list(cfg.low_langs),
+                      "harmless": sorted({p.lang for p in harmless})},
+        "data": {"harmful_sha256": dataset_hash(harmful), "harmless_sha256": dataset_hash(harmless),
+                 "n_harmful": len(harmful), "n_harmless": len(harmless), **prob["counts"]},
+        "reports": [asdict(report)],
+        "seconds": seconds,
+    }
+    delta = SparseDelta(edits=[edit], metadata=metadata, fingerprint=compute_fingerprint(model, [info.down]))
+    return FitResult(delta=delta, layers=[report], neurons={info.layer: edit.neurons}, seconds=seconds)
+
+
+def _relabel(p: Prompt, label: str) -> Prompt:
+    from dataclasses import replace
+
+    return replace(p, label=label)

@@ -1,0 +1,205 @@
+"""residual_fit.py on the real SmolLM2 model: statistics against an unbatched float64 reference,
+the solve against the dense ridge solution, the patched model against the solver's fit."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from edit_runtime import SparseDelta, patch_model
+from edit_runtime.arch import find_decoder_layers, find_mlp
+from edit_runtime.capture import encode_prompts
+from edit_runtime.cli import main as cli_main
+from edit_runtime.data import load_prompts
+from edit_runtime.patch import patched_modules
+from edit_runtime.residual_fit import (
+    ResidualFitConfig,
+    ResidualStats,
+    collect_residual_stats,
+    fit_residual,
+    residual_problem,
+)
+
+LAYER = 15
+LANGS = ["en", "zh", "vi"]
+
+
+def _prompts(n_ids: int = 4):
+    harm = load_prompts("builtin:harmful", langs=LANGS, split="train")
+    keep = set(sorted({p.id for p in harm})[:n_ids])
+    safe = load_prompts("builtin:harmless", langs=LANGS, split="train")
+    keep_safe = set(sorted({p.id for p in safe})[:n_ids])
+    return [p for p in harm if p.id in keep], [p for p in safe if p.id in keep_safe]
+
+
+@torch.no_grad()
+def _reference(model, tok, prompts, layer):
+    """Each prompt alone (no padding): last-token h, r and Σ h hᵀ over the other positions."""
+    info = find_mlp(model, layer)
+    block = find_decoder_layers(model)[1][info.layer]
+    got = {}
+    hooks = [model.get_submodule(info.down).register_forward_pre_hook(lambda m, a: got.__setitem__("h", a[0])),
+             block.register_forward_hook(lambda m, a, o: got.__setitem__("r", o[0] if isinstance(o, tuple) else o))]
+    H, R, keep = [], [], 0
+    try:
+        for seq in encode_prompts(tok, [p.text for p in prompts]):
+            model(input_ids=torch.tensor([seq]))
+            h, r = got["h"][0].double(), got["r"][0].double()
+            H.append(h[-1])
+            R.append(r[-1])
+            keep = keep + h[:-1].T @ h[:-1]
+    finally:
+        for hk in hooks:
+            hk.remove()
+    return torch.stack(H), torch.stack(R), keep
+
+
+def _delta_w(delta: SparseDelta) -> torch.Tensor:
+    """The edit in paper layout ``(d_ff, d_model)`` float64."""
+    (edit,) = delta.edits
+    return (edit.U.double() @ edit.V.double()).T
+
+
+def test_statistics_match_an_unbatched_reference(smollm2):
+    model, tok = smollm2
+    harm, safe = _prompts(3)
+    prompts = [*harm, *safe]
+    stats = collect_residual_stats(model, tok, prompts, LAYER, batch_size=4, progress=False)
+    H, R, keep = _reference(model, tok, prompts, LAYER)
+    info = find_mlp(model, LAYER)
+    assert stats.h_last.shape == (len(prompts), info.d_ff) and stats.r_last.shape == (len(prompts), info.d_model)
+    assert stats.keys == [(p.id, p.lang, p.label) for p in prompts]
+    torch.testing.assert_close(stats.h_last, H, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(stats.r_last, R, rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(stats.keep_xtx, keep, rtol=1e-4, atol=1e-2 * float(keep.abs().max()) * 1e-3)
+    n_tokens = sum(len(s) for s in encode_prompts(tok, [p.text for p in prompts]))
+    assert stats.keep_count == n_tokens - len(prompts)
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules()), "a hook was left behind"
+
+
+def test_full_rank_solve_is_the_dense_ridge_solution(smollm2):
+    """At full rank the solver's ΔW is (A + γC + λI)⁻¹B with A, B, C built here row by row."""
+    model, tok = smollm2
+    harm, safe = _prompts()
+    info = find_mlp(model, LAYER)
+    cfg = ResidualFitConfig(layer=LAYER, low_langs=["zh", "vi"], rank=info.d_model, gamma=2.0, harmless_weight=3.0)
+    res = fit_residual(model, tok, harm, safe, cfg, progress=False)
+    (edit,) = res.delta.edits
+    assert edit.module == info.down and edit.side == "out" and torch.equal(edit.neurons, torch.arange(info.d_model))
+    assert res.delta.metadata["method"] == "residual-closed-form"
+
+    prompts = [*harm, *safe]
+    H, R, keep = _reference(model, tok, prompts, LAYER)
+    row = {(p.id, p.lang, p.label): i for i, p in enumerate(prompts)}
+    A = torch.zeros(info.d_ff, info.d_ff, dtype=torch.float64)
+    B = torch.zeros(info.d_ff, info.d_model, dtype=torch.float64)
+    C = keep.clone()
+    for i, p in enumerate(prompts):
+        en = row.get((p.id, "en", p.label))
+        if p.lang == "en":
+            C += torch.outer(H[i], H[i])
+        elif en is not None:
+            w = 1.0 if p.label == "harmful" else cfg.harmless_weight
+            A += w * torch.outer(H[i], H[i])
+            B += w * torch.outer(H[i], R[en] - R[i])
+    Q = A + cfg.gamma * C
+    lam = cfg.lam_rel * float(torch.diagonal(Q).sum()) / info.d_ff
+    expected = torch.linalg.solve(Q + lam * torch.eye(info.d_ff, dtype=torch.float64), B)
+    got = _delta_w(res.delta)
+    assert float((got - expected).norm() / expected.norm()) < 2e-3
+
+
+def test_patched_model_closes_the_gap_the_solver_reports(smollm2):
+    """With the delta on, layer L's last-token output is r + hΔW, and the fit term it leaves is
+    (1 - gap_closed)·‖D‖² of the solve; English last tokens (the keep set) barely move."""
+    model, tok = smollm2
+    harm, safe = _prompts()
+    cfg = ResidualFitConfig(layer=LAYER, low_langs=["zh", "vi"], rank=8)
+    res = fit_residual(model, tok, harm, safe, cfg, progress=False)
+    prompts = [*harm, *safe]
+    stats = collect_residual_stats(model, tok, prompts, LAYER, progress=False)
+    prob = residual_problem(stats, cfg)
+    with patch_model(model, res.delta):
+        after = collect_residual_stats(model, tok, prompts, LAYER, progress=False)
+    assert not patched_modules(model)
+    dW = _delta_w(res.delta)
+    torch.testing.assert_close(after.r_last, stats.r_last + stats.h_last @ dW, rtol=1e-4, atol=2e-3)
+
+    row = {k: i for i, k in enumerate(stats.keys)}
+    fit_term, gap, harm_gaps = 0.0, 0.0, []
+    for i, (pid, lang, label) in enumerate(stats.keys):
+        en = row.get((pid, "en", label))
+        if lang == "en" or en is None:
+            continue
+        w = 1.0 if label == "harmful" else cfg.harmless_weight
+        fit_term += w * float(((stats.r_last[en] - after.r_last[i]) ** 2).sum())  # target: unedited anchor
+        gap += w * float(((stats.r_last[en] - stats.r_last[i]) ** 2).sum())
+        if label == "harmful":
+            harm_gaps.append(float((stats.r_last[en] - stats.r_last[i]).norm()))
+    assert gap == pytest.approx(prob["dtd"], rel=1e-6)
+    gap_closed = res.layers[0].gap_closed_train
+    assert 0.3 < gap_closed < 1.0
+    assert fit_term == pytest.approx((1 - gap_closed) * gap, rel=1e-2)
+    en = torch.tensor([row[k] for k in stats.keys if k[1] == "en"])
+    moved = (stats.h_last[en] @ dW).norm(dim=1).mean()
+    assert float(moved) < 0.25 * sum(harm_gaps) / len(harm_gaps)
+
+
+def test_statistics_cache_is_reused(smollm2, tmp_path, monkeypatch):
+    model, tok = smollm2
+    harm, safe = _prompts(2)
+    cfg = ResidualFitConfig(layer=LAYER, low_langs=["zh"], rank=4, cache_dir=str(tmp_path))
+    first = fit_residual(model, tok, harm, safe, cfg, progress=False)
+    (path,) = tmp_path.glob("residual_L15_*.safetensors")
+    stats, meta = ResidualStats.load(path)
+    assert meta["layer"] == LAYER and stats.h_last.dtype == torch.float64
+
+    def no_forward(*a, **k):
+        raise AssertionError("statistics were captured again instead of read from the cache")
+
+    monkeypatch.setattr("edit_runtime.residual_fit.collect_residual_stats", no_forward)
+    again = fit_residual(model, tok, harm, safe, cfg, progress=False)
+    assert torch.equal(first.delta.edits[0].U, again.delta.edits[0].U)
+    path.write_bytes(b"not a safetensors file")
+    with pytest.raises(Exception):
+        fit_residual(model, tok, harm, safe, cfg, progress=False)
+
+
+def test_bad_input_is_refused_and_the_model_is_untouched(smollm2):
+    model, tok = smollm2
+    harm, safe = _prompts(2)
+    weight = model.get_submodule(find_mlp(model, LAYER).down).weight.detach().clone()
+    with pytest.raises(ValueError, match="also among low_langs"):
+        ResidualFitConfig(layer=LAYER, low_langs=["en", "zh"])
+    with pytest.raises(ValueError, match="low_langs is empty"):
+        ResidualFitConfig(layer=LAYER, low_langs=[])
+    with pytest.raises(ValueError, match="harmless_weight"):
+        ResidualFitConfig(layer=LAYER, low_langs=["zh"], harmless_weight=float("nan"))
+    with pytest.raises(ValueError, match=r"no harmful prompts in \['th'\]"):
+        fit_residual(model, tok, harm, safe, ResidualFitConfig(layer=LAYER, low_langs=["th"]), progress=False)
+    shifted = [p.__class__(**{**p.__dict__, "id": p.id + "-x"}) if p.lang == "zh" else p for p in harm]
+    with pytest.raises(ValueError, match="parallel prompts"):
+        fit_residual(model, tok, shifted, safe, ResidualFitConfig(layer=LAYER, low_langs=["zh"]), progress=False)
+    with pytest.raises(Exception, match="out of range"):
+        fit_residual(model, tok, harm, safe, ResidualFitConfig(layer=99, low_langs=["zh"]), progress=False)
+    assert torch.equal(model.get_submodule(find_mlp(model, LAYER).down).weight, weight)
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
+def test_cli_fit_method_residual(smollm2, tmp_path, capsys):
+    out = tmp_path / "residual.safetensors"
+    rc = cli_main(["fit", "--model", "smollm2-135m-instruct", "--method", "residual",
+                   "--harmful", "builtin:harmful", "--harmful-langs", "zh", "--harmless", "builtin:harmless",
+                   "--harmless-langs", "en,zh", "--layer", str(LAYER), "--rank", "4", "--limit", "2",
+                   "--harmless-weight", "2", "-o", str(out)])
+    assert rc == 0
+    delta = SparseDelta.load(out)
+    assert delta.metadata["method"] == "residual-closed-form"
+    assert delta.metadata["config"]["harmless_weight"] == 2.0 and delta.metadata["config"]["layer"] == LAYER
+    model, _ = smollm2
+    with patch_model(model, delta) as handle:
+        assert handle is not None and patched_modules(model)
+    assert "gap closed train" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        cli_main(["fit", "--model", "smollm2-135m-instruct", "--method", "residual", "--harmful",
+                  "builtin:harmful", "--harmful-langs", "zh", "--harmless", "builtin:harmless",
+                  "--layer", "14,15", "-o", str(tmp_path / "two.safetensors")])
