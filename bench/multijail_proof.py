@@ -66,6 +66,9 @@ SWEEP: dict[str, tuple[dict, str]] = {
     "R20": ({"method": "residual", "layer": 20}, "residual fit: layer 20 down_proj, harmless weight 4"),
     "R20-w1": ({"method": "residual", "layer": 20, "harmless_weight": 1.0}, "residual fit, harmless weight 1"),
     "R20-w8": ({"method": "residual", "layer": 20, "harmless_weight": 8.0}, "residual fit, harmless weight 8"),
+    "R20-w16": ({"method": "residual", "layer": 20, "harmless_weight": 16.0}, "residual fit, harmless weight 16"),
+    "R20-mgsm": ({"method": "residual", "layer": 20, "harmless_extra": "mgsm"},
+                 "residual fit, harmless rows + MGSM train-split questions (en zh th bn sw)"),
     "R18": ({"method": "residual", "layer": 18}, "residual fit: layer 18 down_proj, harmless weight 4"),
     "R22": ({"method": "residual", "layer": 22}, "residual fit: layer 22 down_proj, harmless weight 4"),
 }
@@ -132,9 +135,13 @@ def main(argv: list[str] | None = None) -> int:
             return path
         over = dict(SWEEP[name][0])
         if over.pop("method", "swe") == "residual":
+            harmless = list(harmless_train)
+            if over.pop("harmless_extra", None) == "mgsm":
+                # parallel harmless questions of the train split (MGSM is scored on its test split)
+                harmless += load_prompts("mgsm", langs=["en", "zh", "th", "bn", "sw"], split="train", label="harmless")
             cfg_r = ResidualFitConfig(low_langs=fit_langs, cache_dir=str(out / "stats"), **over)
             t0 = time.perf_counter()
-            res = fit_residual(model, tok, train, harmless_train, cfg_r)
+            res = fit_residual(model, tok, train, harmless, cfg_r)
             timings[f"fit {name}"] = time.perf_counter() - t0
             res.delta.save(path)
             return path
@@ -211,6 +218,10 @@ def main(argv: list[str] | None = None) -> int:
                     and not (r["over_refusal"] > base_or + args.max_over_refusal_rise)]  # nan (not measured) passes
         best = min(eligible or rows[1:], key=lambda r: (r["mean_asr_non_en"], -r["mean_refusal_non_en"]))
         summary["best"] = best["name"]
+        summary["best_eligible"] = bool(eligible)
+        if not eligible:
+            print(f"\nno row keeps English refusal >= {base_en:.2f} and over-refusal <= "
+                  f"{base_or + args.max_over_refusal_rise:.3f}: the lowest ASR overall is tested instead")
         (out / "proof.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False))
         print(f"\nbest on validation: {best['name']} ({best['what']})")
     if args.stage in ("test", "all"):

@@ -7,7 +7,8 @@ prompt set in ``edit_runtime/prompts``) it
 
 1. fits a closed-form sparse low-rank edit of one layer's ``up_proj`` rows on the *train* split
    (harmful prompts of every non-English language mapped onto the English ones, harmless prompts
-   of all languages as the utility term),
+   of all languages as the utility term); ``--method residual`` fits the residual recipe
+   (:mod:`edit_runtime.residual_fit`: the layer's ``down_proj``, last-token residual targets),
 2. evaluates the base model and the edited model on the held-out *test* split: greedy responses,
    judged refusal / compliance / invalid per language with bootstrap intervals, plus the
    over-refusal rate and next-token KL on held-out harmless prompts,
@@ -46,6 +47,10 @@ def run(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--layer", type=int, default=20)
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--gamma", type=float, default=1.0)
+    p.add_argument("--method", choices=["swe", "residual"], default="swe",
+                   help="swe: up_proj rows of the safety neurons (edit_runtime.fit); residual: the layer's "
+                        "down_proj, last-token residual mapped onto English (edit_runtime.residual_fit)")
+    p.add_argument("--harmless-weight", type=float, default=4.0, help="residual: weight of the harmless rows")
     p.add_argument("--limit", type=int, default=None,
                    help="evaluate on at most N held-out prompt ids per language (the fit uses the whole train split)")
     p.add_argument("--quick", action="store_true",
@@ -62,6 +67,7 @@ def run(argv: Sequence[str] | None = None) -> int:
     from edit_runtime.evaluate import UtilityOptions, evaluate
     from edit_runtime.fit import FitConfig, fit
     from edit_runtime.models import load_model
+    from edit_runtime.residual_fit import ResidualFitConfig, fit_residual
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -91,15 +97,23 @@ def run(argv: Sequence[str] | None = None) -> int:
           f"evaluate on test: {len(harm_test)} harmful + {len(safe_test)} harmless ({len(langs)} languages)")
 
     delta_path = out / "delta.safetensors"
-    step(f"fitting layer {args.layer} up_proj, rank {args.rank}, {'+'.join(low)} -> {anchor}")
+    proj = "up_proj" if args.method == "swe" else "down_proj (residual recipe)"
+    step(f"fitting layer {args.layer} {proj}, rank {args.rank}, {'+'.join(low)} -> {anchor}")
     t = time.time()
-    cfg = FitConfig(layers=[args.layer], low_langs=low, anchor_lang=anchor, rank=args.rank,
-                    gamma=args.gamma, batch_size=args.batch_size)
-    result = fit(model, tok, harm_train, safe_train, cfg)
+    if args.method == "swe":
+        cfg = FitConfig(layers=[args.layer], low_langs=low, anchor_lang=anchor, rank=args.rank,
+                        gamma=args.gamma, batch_size=args.batch_size)
+        result = fit(model, tok, harm_train, safe_train, cfg)
+    else:
+        rcfg = ResidualFitConfig(layer=args.layer, low_langs=low, anchor_lang=anchor, rank=args.rank,
+                                 gamma=args.gamma, harmless_weight=args.harmless_weight,
+                                 batch_size=args.batch_size)
+        result = fit_residual(model, tok, harm_train, safe_train, rcfg)
     result.delta.save(delta_path)
     seconds["fit"] = time.time() - t
     for r in result.layers:
-        print(f"   layer {r.layer}: |S| = {r.num_neurons} neurons, rank {r.rank}, "
+        what = "neurons" if args.method == "swe" else "rows"
+        print(f"   layer {r.layer}: |S| = {r.num_neurons} {what}, rank {r.rank}, "
               f"lambda {r.lam:.3g}, safety gap closed on train "
               f"{'n/a' if r.gap_closed_train is None else format(r.gap_closed_train, '.2f')}")
     print(f"   wrote {delta_path}")
