@@ -92,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--test-offset", type=int, default=0,
                     help="skip the first N test ids (the residual recipe was developed on the first 20)")
     ap.add_argument("--test-variants", default="base,swe,best", help="what the test stage compares")
+    ap.add_argument("--test-also", default="", help="further sweep rows to report on test (named as such)")
     ap.add_argument("--mgsm-langs", default="en,zh")
     ap.add_argument("--mgsm-limit", type=int, default=20)
     ap.add_argument("--harmless-limit", type=int, default=None,
@@ -236,6 +237,10 @@ def main(argv: list[str] | None = None) -> int:
             variants["swe"] = SparseDelta.load(delta_for("swe"))
         if "best" in test_variants and not (best_name == "swe" and "swe" in variants):
             variants[f"best-{best_name}"] = SparseDelta.load(delta_for(best_name))
+        for name in (x for x in args.test_also.split(",") if x):
+            if name not in SWEEP:
+                ap.error(f"--test-also: unknown sweep row {name!r}")
+            variants.setdefault(name, SparseDelta.load(delta_for(name)))
         mgsm_langs = [x for x in args.mgsm_langs.split(",") if x]
         utility = UtilityOptions(
             harmless=load_prompts("builtin:harmless", split="test", label="harmless", limit=args.harmless_limit),
