@@ -47,7 +47,7 @@ def run(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--layer", type=int, default=20)
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--gamma", type=float, default=1.0)
-    p.add_argument("--method", choices=["swe", "residual"], default="residual",
+    p.add_argument("--method", choices=["swe", "residual"], default="swe",
                    help="swe: up_proj rows of the safety neurons (edit_runtime.fit); residual: the layer's "
                         "down_proj, last-token residual mapped onto English (edit_runtime.residual_fit)")
     p.add_argument("--harmless-weight", type=float, default=4.0, help="residual: weight of the harmless rows")
