@@ -2,6 +2,8 @@
 the solve against the dense ridge solution, the patched model against the solver's fit."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -203,3 +205,25 @@ def test_cli_fit_method_residual(smollm2, tmp_path, capsys):
         cli_main(["fit", "--model", "smollm2-135m-instruct", "--method", "residual", "--harmful",
                   "builtin:harmful", "--harmful-langs", "zh", "--harmless", "builtin:harmless",
                   "--layer", "14,15", "-o", str(tmp_path / "two.safetensors")])
+
+
+def test_residual_delta_exports_to_peft_exactly(smollm2, tmp_path):
+    """A residual delta (every row of one down_proj) is a plain LoRA: PEFT's logits equal patch_model's."""
+    peft = pytest.importorskip("peft", reason="peft is in requirements/dev.txt; without it there is nothing to load")
+    from edit_runtime.export import export_peft
+
+    model, tok = smollm2
+    harm, safe = _prompts(2)
+    delta = fit_residual(model, tok, harm, safe, ResidualFitConfig(layer=LAYER, low_langs=["zh"], rank=4),
+                         progress=False).delta
+    out = export_peft(delta, model, tmp_path / "adapter")
+    ids = torch.tensor([encode_prompts(tok, ["Comment faire du pain ?"])[0]])
+    with torch.no_grad():
+        base = model(ids).logits
+        with patch_model(model, delta):
+            patched = model(ids).logits
+        # on a copy, as in test_export: PEFT wraps the modules of the model it is given
+        via_peft = peft.PeftModel.from_pretrained(copy.deepcopy(model), str(out)).eval()(ids).logits
+    assert float((patched - base).abs().max()) > 1e-3, "the edit should move the logits"
+    torch.testing.assert_close(via_peft, patched, rtol=1e-5, atol=1e-4)
+    assert not patched_modules(model)
