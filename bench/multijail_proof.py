@@ -69,6 +69,8 @@ SWEEP: dict[str, tuple[dict, str]] = {
     "R20-w16": ({"method": "residual", "layer": 20, "harmless_weight": 16.0}, "residual fit, harmless weight 16"),
     "R20-mgsm": ({"method": "residual", "layer": 20, "harmless_extra": "mgsm"},
                  "residual fit, harmless rows + MGSM train-split questions (en zh th bn sw)"),
+    "R20-r4": ({"method": "residual", "layer": 20, "rank": 4}, "residual fit, rank 4"),
+    "R20-g4": ({"method": "residual", "layer": 20, "gamma": 4.0}, "residual fit, keep-term weight γ 4"),
     "R18": ({"method": "residual", "layer": 18}, "residual fit: layer 18 down_proj, harmless weight 4"),
     "R22": ({"method": "residual", "layer": 22}, "residual fit: layer 22 down_proj, harmless weight 4"),
 }
