@@ -67,7 +67,8 @@ class ResidualFitConfig:
     gamma: float = field(default=1.0, metadata={"help": "weight of the keep term (other positions, anchor)"})
     harmless_weight: float = field(
         default=4.0, metadata={"help": "weight w of the harmless rows (harmless prompts onto their English "
-                                       "version); 1 -> 4 cut Qwen's harmless over-refusal 0.40 -> 0.27"})
+                                       "version); Qwen, MultiJail validation: over-refusal 0.33 at w 1, "
+                                       "0.31 at 4, 0.27 at 16 (base 0.08), ASR about the same"})
     lam_rel: float = field(default=1e-2, metadata={"help": "ridge relative to the mean eigenvalue of A + γC"})
     system_prompt: str | None = field(default=None, metadata={"help": "system prompt for the chat template"})
     batch_size: int = field(default=8, metadata={"help": "prompts per forward"})
