@@ -19,8 +19,9 @@ under ``-o``, so a rerun skips what is done):
    refusal rate is not below the base model's and whose over-refusal is at most
    ``--max-over-refusal-rise`` above it.
 4. **Test**: base, the SWE recipe and the best configuration (``--test-variants``) on
-   ``--test-limit`` held-out ids per language after the first ``--test-offset``, with over-refusal and next-token KL on the built-in harmless test prompts and MGSM
-   accuracy (``--mgsm-langs``, ``--mgsm-limit``). ``results.md`` of ``-o/test`` is the table.
+   ``--test-limit`` held-out ids per language after the first ``--test-offset``, with
+   over-refusal and next-token KL on the built-in harmless test prompts and MGSM accuracy
+   (``--mgsm-langs``, ``--mgsm-limit``). ``results.md`` of ``-o/test`` is the table.
 
 Prints the sweep table (``-o/sweep.md``) and the test table, and writes ``-o/proof.json``.
 """
@@ -88,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default=MODEL)
     ap.add_argument("--fit-langs", default=FIT_LANGS)
     ap.add_argument("--swe-layer", type=int, default=12)
-    ap.add_argument("--configs", default=",".join(DEFAULT_SWEEP), help=f"sweep rows to run, in order (known: {','.join(SWEEP)})")
+    ap.add_argument("--configs", default=",".join(DEFAULT_SWEEP),
+                    help=f"sweep rows to run, in order (known: {','.join(SWEEP)})")
     ap.add_argument("--val-limit", type=int, default=10, help="validation ids per language")
     ap.add_argument("--test-limit", type=int, default=40, help="test ids per language")
     ap.add_argument("--test-offset", type=int, default=0,
@@ -145,21 +147,19 @@ def main(argv: list[str] | None = None) -> int:
             cfg_r = ResidualFitConfig(low_langs=fit_langs, cache_dir=str(out / "stats"), **over)
             t0 = time.perf_counter()
             res = fit_residual(model, tok, train, harmless, cfg_r)
-            timings[f"fit {name}"] = time.perf_counter() - t0
-            res.delta.save(path)
-            return path
-        over.setdefault("layers", [args.swe_layer])
-        cfg = FitConfig(low_langs=fit_langs, cache_dir=str(out / "stats"), **over)
-        kind = (cfg.target, cfg.position)
-        if kind == ("up", "last") and kind not in warmed:
-            # one forward pass captures every sweep layer (cached per layer); later fits read the cache
-            warm = dataclasses.replace(cfg, layers=sweep_layers, mode="separate", one_pass=True)
+        else:
+            over.setdefault("layers", [args.swe_layer])
+            cfg = FitConfig(low_langs=fit_langs, cache_dir=str(out / "stats"), **over)
+            kind = (cfg.target, cfg.position)
+            if kind == ("up", "last") and kind not in warmed:
+                # one forward pass captures every sweep layer (cached per layer); later fits read the cache
+                warm = dataclasses.replace(cfg, layers=sweep_layers, mode="separate", one_pass=True)
+                t0 = time.perf_counter()
+                fit(model, tok, train, harmless_train, warm)
+                timings[f"capture layers {sweep_layers}"] = time.perf_counter() - t0
+                warmed.add(kind)
             t0 = time.perf_counter()
-            fit(model, tok, train, harmless_train, warm)
-            timings[f"capture layers {sweep_layers}"] = time.perf_counter() - t0
-            warmed.add(kind)
-        t0 = time.perf_counter()
-        res = fit(model, tok, train, harmless_train, cfg)
+            res = fit(model, tok, train, harmless_train, cfg)
         timings[f"fit {name}"] = time.perf_counter() - t0
         res.delta.save(path)
         return path

@@ -57,52 +57,49 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     low = csv_list(args.harmful_langs)
+    residual = _residual_config(args, low) if args.method == "residual" else None
     harmful = _load_split(args.harmful, [args.anchor_lang, *low], args.split, args.limit, "harmful")
     harmless = _load_split(args.harmless, csv_list(args.harmless_langs) if args.harmless_langs else None,
                            args.split, args.limit, "harmless")
-    heldout = (_load_split(args.harmful, [args.anchor_lang, *low], "validation", args.limit, "harmful")
-               if args.heldout else None)
-    if args.method == "residual":
-        return _fit_residual(args, low, harmful, harmless)
-    cfg = FitConfig(layers=args.layer, low_langs=low, anchor_lang=args.anchor_lang, rank=args.rank,
-                    gamma=args.gamma, lam=args.lam, lam_rel=args.lam_rel, constraint=args.constraint,
-                    target=args.target, position=args.position, max_neurons=args.max_neurons,
-                    z_threshold=args.z_threshold, d_threshold=args.d_threshold, mode=args.mode,
-                    batch_size=args.batch_size, system_prompt=args.system_prompt, cache_dir=args.cache_dir)
     model, tok = load_model(args.model)
-    result = fit(model, tok, harmful, harmless, cfg, heldout=heldout)
+    if residual is not None:
+        from edit_runtime.residual_fit import fit_residual
+
+        result = fit_residual(model, tok, harmful, harmless, residual)
+    else:
+        heldout = (_load_split(args.harmful, [args.anchor_lang, *low], "validation", args.limit, "harmful")
+                   if args.heldout else None)
+        cfg = FitConfig(layers=args.layer, low_langs=low, anchor_lang=args.anchor_lang, rank=args.rank,
+                        gamma=args.gamma, lam=args.lam, lam_rel=args.lam_rel, constraint=args.constraint,
+                        target=args.target, position=args.position, max_neurons=args.max_neurons,
+                        z_threshold=args.z_threshold, d_threshold=args.d_threshold, mode=args.mode,
+                        batch_size=args.batch_size, system_prompt=args.system_prompt, cache_dir=args.cache_dir)
+        result = fit(model, tok, harmful, harmless, cfg, heldout=heldout)
     path = result.delta.save(args.output)
     print(f"wrote {path}: {result.delta}")
+    rows = "rows" if residual is not None else "|S|"  # the residual edit takes every row of down_proj
     for r in result.layers:
         held = "n/a" if r.gap_closed_heldout is None else f"{r.gap_closed_heldout:.3f}"
         train = "n/a" if r.gap_closed_train is None else f"{r.gap_closed_train:.3f}"
-        print(f"  layer {r.layer}: |S|={r.num_neurons} rank={r.rank} lambda={r.lam:.4g} "
+        print(f"  layer {r.layer}: {rows}={r.num_neurons} rank={r.rank} lambda={r.lam:.4g} "
               f"gap closed train {train} held-out {held}")
     print("  seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in result.seconds.items()))
     return 0
 
 
-def _fit_residual(args: argparse.Namespace, low: list[str], harmful, harmless) -> int:
-    from edit_runtime.models import load_model
-    from edit_runtime.residual_fit import ResidualFitConfig, fit_residual
+def _residual_config(args: argparse.Namespace, low: list[str]):
+    """``ResidualFitConfig`` from the fit options; exits on the ones the residual recipe has not."""
+    from edit_runtime.residual_fit import ResidualFitConfig
 
     if args.lam is not None:
         raise SystemExit("--method residual takes --lambda-rel (relative ridge), not --lambda")
     if len(args.layer) != 1:
         raise SystemExit(f"--method residual edits one layer; got --layer {','.join(map(str, args.layer))}")
-    cfg = ResidualFitConfig(layer=args.layer[0], low_langs=low, anchor_lang=args.anchor_lang, rank=args.rank,
-                            gamma=args.gamma, harmless_weight=args.harmless_weight,
-                            lam_rel=1e-2 if args.lam_rel is None else args.lam_rel,
-                            system_prompt=args.system_prompt, batch_size=args.batch_size, cache_dir=args.cache_dir)
-    model, tok = load_model(args.model)
-    result = fit_residual(model, tok, harmful, harmless, cfg)
-    path = result.delta.save(args.output)
-    print(f"wrote {path}: {result.delta}")
-    r = result.layers[0]
-    train = "n/a" if r.gap_closed_train is None else f"{r.gap_closed_train:.3f}"
-    print(f"  layer {r.layer}: down_proj, rank={r.rank} lambda={r.lam:.4g} gap closed train {train}")
-    print("  seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in result.seconds.items()))
-    return 0
+    return ResidualFitConfig(layer=args.layer[0], low_langs=low, anchor_lang=args.anchor_lang, rank=args.rank,
+                             gamma=args.gamma, harmless_weight=args.harmless_weight,
+                             lam_rel=1e-2 if args.lam_rel is None else args.lam_rel,
+                             system_prompt=args.system_prompt, batch_size=args.batch_size,
+                             cache_dir=args.cache_dir)
 
 
 def _add_fit(sub: argparse._SubParsersAction) -> None:

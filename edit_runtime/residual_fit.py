@@ -33,7 +33,7 @@ import hashlib
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -42,7 +42,8 @@ from torch import nn
 
 import edit_runtime
 from edit_runtime.arch import find_decoder_layers, find_mlp
-from edit_runtime.capture import _StopForward, encode_prompts, model_fingerprint
+from edit_runtime.capture import (_input_device, _make_batch, _pad_id, _StopForward, encode_prompts,
+                                  model_fingerprint)
 from edit_runtime.data import Prompt, dataset_hash
 from edit_runtime.delta import ModuleEdit, SparseDelta, compute_fingerprint
 from edit_runtime.fit import FitResult, LayerReport
@@ -135,10 +136,6 @@ class ResidualStats:
         return cls(int(side["layer"]), keys, t["h_last"], t["r_last"], t["keep_xtx"], int(side["keep_count"])), side
 
 
-def _layer_output(out: Any) -> torch.Tensor:
-    return out[0] if isinstance(out, tuple) else out
-
-
 @torch.no_grad()
 def collect_residual_stats(model: nn.Module, tokenizer: Any, prompts: Sequence[Prompt], layer: int, *,
                            system_prompt: str | None = None, batch_size: int = 8,
@@ -151,13 +148,11 @@ def collect_residual_stats(model: nn.Module, tokenizer: Any, prompts: Sequence[P
     """
     from tqdm.auto import tqdm
 
-    from edit_runtime.capture import _input_device, _make_batch, _pad_id
-
     info = find_mlp(model, layer)
     _, blocks = find_decoder_layers(model)
     block = blocks[info.layer]
     down = model.get_submodule(info.down)
-    device = _input_device(model)
+    device, pad_id = _input_device(model), _pad_id(tokenizer)
     seqs = encode_prompts(tokenizer, [p.text for p in prompts], system_prompt=system_prompt)
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
     h_last = torch.zeros(len(seqs), info.d_ff, dtype=torch.float64)
@@ -170,7 +165,7 @@ def collect_residual_stats(model: nn.Module, tokenizer: Any, prompts: Sequence[P
         got["h"] = args[0]
 
     def grab_r(_m, _args, out):
-        got["r"] = _layer_output(out)
+        got["r"] = out[0] if isinstance(out, tuple) else out
         raise _StopForward
 
     hooks = [down.register_forward_pre_hook(grab_h), block.register_forward_hook(grab_r)]
@@ -180,7 +175,7 @@ def collect_residual_stats(model: nn.Module, tokenizer: Any, prompts: Sequence[P
     try:
         for s in range(0, len(order), batch_size):
             idx = order[s:s + batch_size]
-            b = _make_batch([seqs[i] for i in idx], pad_id=_pad_id(tokenizer), side="left", device=device)
+            b = _make_batch([seqs[i] for i in idx], pad_id=pad_id, side="left", device=device)
             try:
                 model(input_ids=b.input_ids, attention_mask=b.attention_mask, position_ids=b.position_ids,
                       use_cache=False)
@@ -244,9 +239,10 @@ def residual_problem(stats: ResidualStats, cfg: ResidualFitConfig) -> dict[str, 
 
 
 def _cache_path(model: nn.Module, prompts: Sequence[Prompt], cfg: ResidualFitConfig) -> tuple[Path, dict]:
-    meta = {"model": model_fingerprint(model), "layer": cfg.layer, "prompts_sha256": dataset_hash(prompts),
-            "order_sha256": hashlib.sha256(json.dumps([(p.id, p.lang, p.label) for p in prompts]).encode()).hexdigest(),
-            "system_prompt": cfg.system_prompt}
+    # the rows are stored in prompt order, so the key hashes the ordered prompts
+    ordered = json.dumps([[p.id, p.lang, p.label, p.text] for p in prompts], ensure_ascii=False)
+    meta = {"model": model_fingerprint(model), "layer": cfg.layer,
+            "prompts_sha256": hashlib.sha256(ordered.encode("utf-8")).hexdigest(), "system_prompt": cfg.system_prompt}
     key = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:16]
     return Path(cfg.cache_dir) / f"residual_L{cfg.layer}_{key}.safetensors", meta
 
@@ -273,8 +269,9 @@ def fit_residual(model: nn.Module, tokenizer: Any, harmful: Sequence[Prompt], ha
     missing = needed - {p.lang for p in harmful}
     if missing:
         raise ValueError(f"no harmful prompts in {sorted(missing)} (have {sorted({p.lang for p in harmful})})")
-    harmful = [p if p.label == "harmful" else _relabel(p, "harmful") for p in harmful]
-    harmless = [p if p.label == "harmless" else _relabel(p, "harmless") for p in harmless]
+    # the label is part of each row's key: a harmful and a harmless prompt may share an id
+    harmful = [p if p.label == "harmful" else replace(p, label="harmful") for p in harmful]
+    harmless = [p if p.label == "harmless" else replace(p, label="harmless") for p in harmless]
     prompts = [*harmful, *harmless]
     t0 = time.perf_counter()
     stats = None
@@ -316,9 +313,3 @@ def fit_residual(model: nn.Module, tokenizer: Any, harmful: Sequence[Prompt], ha
     }
     delta = SparseDelta(edits=[edit], metadata=metadata, fingerprint=compute_fingerprint(model, [info.down]))
     return FitResult(delta=delta, layers=[report], neurons={info.layer: edit.neurons}, seconds=seconds)
-
-
-def _relabel(p: Prompt, label: str) -> Prompt:
-    from dataclasses import replace
-
-    return replace(p, label=label)
