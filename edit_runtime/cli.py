@@ -58,7 +58,8 @@ def _cmd_fit(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     low = csv_list(args.harmful_langs)
     residual = _residual_config(args, low) if args.method == "residual" else None
-    harmful = _load_split(args.harmful, [args.anchor_lang, *low], args.split, args.limit, "harmful")
+    hold = list(residual.hold_langs) if residual is not None else []
+    harmful = _load_split(args.harmful, [args.anchor_lang, *low, *hold], args.split, args.limit, "harmful")
     harmless = _load_split(args.harmless, csv_list(args.harmless_langs) if args.harmless_langs else None,
                            args.split, args.limit, "harmless")
     model, tok = load_model(args.model)
@@ -95,11 +96,19 @@ def _residual_config(args: argparse.Namespace, low: list[str]):
         raise SystemExit("--method residual takes --lambda-rel (relative ridge), not --lambda")
     if len(args.layer) != 1:
         raise SystemExit(f"--method residual edits one layer; got --layer {','.join(map(str, args.layer))}")
-    return ResidualFitConfig(layer=args.layer[0], low_langs=low, anchor_lang=args.anchor_lang, rank=args.rank,
-                             gamma=args.gamma, harmless_weight=args.harmless_weight,
-                             lam_rel=1e-2 if args.lam_rel is None else args.lam_rel,
-                             system_prompt=args.system_prompt, batch_size=args.batch_size,
-                             cache_dir=args.cache_dir)
+    if args.heldout:
+        raise SystemExit("--heldout reports SWE's held-out gap; --method residual has none (evaluate the "
+                         "delta with edit-runtime eval instead)")
+    try:
+        return ResidualFitConfig(layer=args.layer[0], low_langs=low, anchor_lang=args.anchor_lang, rank=args.rank,
+                                 gamma=args.gamma, harmless_weight=args.harmless_weight,
+                                 hold_langs=csv_list(args.hold_langs) if args.hold_langs else [],
+                                 hold_weight=args.hold_weight, harmless_target=args.harmless_target,
+                                 lam_rel=1e-2 if args.lam_rel is None else args.lam_rel,
+                                 system_prompt=args.system_prompt, batch_size=args.batch_size,
+                                 cache_dir=args.cache_dir)
+    except ValueError as e:
+        raise SystemExit(f"edit-runtime fit --method residual: {e}") from None
 
 
 def _add_fit(sub: argparse._SubParsersAction) -> None:
@@ -115,7 +124,13 @@ def _add_fit(sub: argparse._SubParsersAction) -> None:
                    help="swe: SWE's up_proj rows of the safety neurons; residual: one layer's down_proj, "
                         "last-token residual mapped onto the anchor's (edit_runtime.residual_fit)")
     p.add_argument("--harmless-weight", type=float, default=4.0,
-                   help="residual: weight of the harmless prompts mapped onto their anchor version")
+                   help="residual: weight of the harmless rows")
+    p.add_argument("--harmless-target", choices=["anchor", "self"], default="anchor",
+                   help="residual: harmless last tokens mapped onto their anchor version, or held in place")
+    p.add_argument("--hold-langs", default=None,
+                   help="residual: languages whose last tokens the edit must leave as they are, e.g. bn,sw "
+                        "(where the base model does not comply: a pushed refusal there is over-refusal)")
+    p.add_argument("--hold-weight", type=float, default=1.0, help="residual: weight of the held rows")
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--gamma", type=float, default=1.0, help="weight of the harmless term")
     p.add_argument("--lambda", dest="lam", type=float, default=None, help="ridge (default: scale-aware)")

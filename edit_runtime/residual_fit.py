@@ -15,16 +15,20 @@ same id, ``j`` over the last token of harmless prompts of other languages with a
 version, ``k`` over the keep set)::
 
     min  Σ_i ‖h_iᵀΔW - (r_{i_en} - r_i)‖² + w Σ_j ‖h_jᵀΔW - (r_{j_en} - r_j)‖²
-       + γ Σ_k ‖h_kᵀΔW‖² + λ‖ΔW‖²                                 rank ΔW <= r
+       + w_hold Σ_l ‖h_lᵀΔW‖² + γ Σ_k ‖h_kᵀΔW‖² + λ‖ΔW‖²           rank ΔW <= r
 
 The change of layer ``L``'s output at a position is exactly ``h ΔW`` there, so the targets are
 exact at that layer. The keep set is every prompt position except the last (harmful and
 harmless, all languages: the edit must not change how a prompt is read) plus the anchor
 language's last tokens (English behaviour stays). The harmless rows (weight ``w``,
 ``harmless_weight``) map harmless prompts onto *their* English versions, so "answer as in
-English" is learned from both sides and harmless requests are not pushed towards a refusal.
-:func:`edit_runtime.solver.solve` gives the minimiser (``A = Σ h hᵀ`` over i and w·j, ``C`` the
-keep set, ``B = Σ h Dᵀ``). The edit is ``weight += U V`` on every row of ``down_proj``
+English" is learned from both sides and harmless requests are not pushed towards a refusal
+(``harmless_target="self"`` holds them in place instead). ``l`` ranges over the last tokens, harmful
+and harmless, of the ``hold_langs`` (weight ``w_hold``, ``hold_weight``): languages the model
+barely reads (Qwen parrots Bengali and Swahili prompts back, harmful or not), where an edit
+learned from the other languages would otherwise turn harmless requests into refusals too.
+:func:`edit_runtime.solver.solve` gives the minimiser (``A = Σ h hᵀ`` over i, w·j and w_hold·l,
+``C`` the keep set, ``B = Σ h Dᵀ`` over i and w·j: held rows have target 0). The edit is ``weight += U V`` on every row of ``down_proj``
 (``U = right.T (d_model, r)``, ``V = left.T (r, d_ff)``): low-rank, not row-sparse.
 """
 from __future__ import annotations
@@ -54,6 +58,7 @@ log = logging.getLogger(__name__)
 __all__ = ["ResidualFitConfig", "ResidualStats", "collect_residual_stats", "residual_problem", "fit_residual"]
 
 _STATS_FORMAT = "edit_runtime.residual_stats/1"
+HARMLESS_TARGETS = ("anchor", "self")
 
 
 @dataclass
@@ -70,6 +75,14 @@ class ResidualFitConfig:
         default=4.0, metadata={"help": "weight w of the harmless rows (harmless prompts onto their English "
                                        "version); Qwen, MultiJail validation: over-refusal 0.33 at w 1, "
                                        "0.31 at 4, 0.27 at 16 (base 0.08), ASR about the same"})
+    hold_langs: Sequence[str] = field(
+        default_factory=list, metadata={"help": "languages whose last tokens (harmful and harmless) the edit must "
+                                                "leave as they are (target 0): for languages the base model does "
+                                                "not comply in, where a pushed refusal only costs over-refusal"})
+    hold_weight: float = field(default=1.0, metadata={"help": "weight of each held row (hold_langs)"})
+    harmless_target: str = field(
+        default="anchor", metadata={"help": "where harmless non-anchor last tokens go: 'anchor' (their English "
+                                            "version's residual) or 'self' (unchanged, target 0)"})
     lam_rel: float = field(default=1e-2, metadata={"help": "ridge relative to the mean eigenvalue of A + γC"})
     system_prompt: str | None = field(default=None, metadata={"help": "system prompt for the chat template"})
     batch_size: int = field(default=8, metadata={"help": "prompts per forward"})
@@ -78,11 +91,18 @@ class ResidualFitConfig:
     def __post_init__(self) -> None:
         self.layer = int(self.layer)
         self.low_langs = [str(l) for l in self.low_langs]
+        self.hold_langs = [str(l) for l in self.hold_langs]
         if not self.low_langs:
             raise ValueError("ResidualFitConfig.low_langs is empty: give the languages to fix")
-        if self.anchor_lang in self.low_langs:
-            raise ValueError(f"anchor language {self.anchor_lang!r} is also among low_langs {self.low_langs}")
-        for name in ("gamma", "harmless_weight"):
+        if self.anchor_lang in self.low_langs or self.anchor_lang in self.hold_langs:
+            raise ValueError(f"anchor language {self.anchor_lang!r} is also among low_langs {self.low_langs} "
+                             f"or hold_langs {self.hold_langs}")
+        both = sorted(set(self.low_langs) & set(self.hold_langs))
+        if both:
+            raise ValueError(f"languages {both} are in both low_langs and hold_langs")
+        if self.harmless_target not in HARMLESS_TARGETS:
+            raise ValueError(f"harmless_target must be one of {HARMLESS_TARGETS}, got {self.harmless_target!r}")
+        for name in ("gamma", "harmless_weight", "hold_weight"):
             v = getattr(self, name)
             if not v >= 0 or v != v:
                 raise ValueError(f"{name} must be >= 0, got {v!r}")
@@ -205,10 +225,15 @@ def residual_problem(stats: ResidualStats, cfg: ResidualFitConfig) -> dict[str, 
     ``(d_ff, d_model)``, ``xtx_safe`` (the keep set), ``dtd`` and the row counts."""
     row = {k: i for i, k in enumerate(stats.keys)}
     harm, safe, anchor = [], [], []
+    held_lang, held_harmless = [], []                              # target: no change
     for i, (pid, lang, label) in enumerate(stats.keys):
         target = row.get((pid, cfg.anchor_lang, label))
         if lang == cfg.anchor_lang:
             anchor.append(i)
+        elif lang in cfg.hold_langs:
+            held_lang.append(i)
+        elif label == "harmless" and cfg.harmless_target == "self":
+            held_harmless.append(i)
         elif target is None:
             continue
         elif label == "harmful" and lang in cfg.low_langs:
@@ -231,10 +256,17 @@ def residual_problem(stats: ResidualStats, cfg: ResidualFitConfig) -> dict[str, 
         Xs, Ds = rows(safe)
         w = cfg.harmless_weight
         xtx, xtd, dtd = xtx + w * Xs.T @ Xs, xtd + w * Xs.T @ Ds, dtd + w * float((Ds * Ds).sum())
+    # held rows have target 0, so they only add to X^T X
+    for held, w in ((held_lang, cfg.hold_weight), (held_harmless, cfg.harmless_weight)):
+        if held and w > 0:
+            Xk = H[torch.tensor(held, dtype=torch.long)]
+            xtx = xtx + w * Xk.T @ Xk
     Xa = H[torch.tensor(anchor, dtype=torch.long)] if anchor else H[:0]
     keep = stats.keep_xtx + Xa.T @ Xa
     return {"xtx_low": xtx, "xtd": xtd, "xtx_safe": keep, "dtd": dtd,
             "counts": {"harmful_rows": len(harm), "harmless_rows": len(safe) if cfg.harmless_weight > 0 else 0,
+                       "held_language_rows": len(held_lang) if cfg.hold_weight > 0 else 0,
+                       "held_harmless_rows": len(held_harmless) if cfg.harmless_weight > 0 else 0,
                        "keep_positions": stats.keep_count + len(anchor)}}
 
 
@@ -253,7 +285,8 @@ def fit_residual(model: nn.Module, tokenizer: Any, harmful: Sequence[Prompt], ha
 
     Args:
         model, tokenizer: a loaded causal LM (any architecture :mod:`edit_runtime.arch` finds).
-        harmful: harmful prompts parallel by ``id`` over the anchor and ``low_langs`` (train split).
+        harmful: harmful prompts parallel by ``id`` over the anchor and ``low_langs`` (train split),
+            plus any of ``hold_langs`` (held rows; they need no anchor version).
         harmless: harmless prompts; those with an anchor version of the same id become harmless
             rows (weight ``harmless_weight``), the anchor's join the keep set.
         cfg: :class:`ResidualFitConfig`.
@@ -264,11 +297,14 @@ def fit_residual(model: nn.Module, tokenizer: Any, harmful: Sequence[Prompt], ha
     t_start = time.perf_counter()
     seconds: dict[str, float] = {}
     info = find_mlp(model, cfg.layer)
-    needed = {cfg.anchor_lang, *cfg.low_langs}
+    needed = {cfg.anchor_lang, *cfg.low_langs, *cfg.hold_langs}
     harmful = [p for p in harmful if p.lang in needed]
-    missing = needed - {p.lang for p in harmful}
+    missing = {cfg.anchor_lang, *cfg.low_langs} - {p.lang for p in harmful}
     if missing:
         raise ValueError(f"no harmful prompts in {sorted(missing)} (have {sorted({p.lang for p in harmful})})")
+    unheld = set(cfg.hold_langs) - {p.lang for p in [*harmful, *harmless]}
+    if unheld:
+        raise ValueError(f"hold_langs {sorted(unheld)} have no prompts, harmful or harmless: nothing to hold")
     # the label is part of each row's key: a harmful and a harmless prompt may share an id
     harmful = [p if p.label == "harmful" else replace(p, label="harmful") for p in harmful]
     harmless = [p if p.label == "harmless" else replace(p, label="harmless") for p in harmless]
@@ -304,7 +340,7 @@ def fit_residual(model: nn.Module, tokenizer: Any, harmful: Sequence[Prompt], ha
         "edit_runtime_version": edit_runtime.__version__,
         "layers": [info.layer],
         "config": {k: v for k, v in asdict(cfg).items() if k != "cache_dir"},
-        "languages": {"anchor": cfg.anchor_lang, "low": list(cfg.low_langs),
+        "languages": {"anchor": cfg.anchor_lang, "low": list(cfg.low_langs), "hold": list(cfg.hold_langs),
                       "harmless": sorted({p.lang for p in harmless})},
         "data": {"harmful_sha256": dataset_hash(harmful), "harmless_sha256": dataset_hash(harmless),
                  "n_harmful": len(harmful), "n_harmless": len(harmless), **prob["counts"]},

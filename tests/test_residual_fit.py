@@ -78,16 +78,26 @@ def test_statistics_match_an_unbatched_reference(smollm2):
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules()), "a hook was left behind"
 
 
-def test_full_rank_solve_is_the_dense_ridge_solution(smollm2):
-    """At full rank the solver's ΔW is (A + γC + λI)⁻¹B with A, B, C built here row by row."""
+@pytest.mark.parametrize("variant", [
+    {},
+    {"hold_langs": ["vi"], "hold_weight": 5.0},
+    {"harmless_target": "self"},
+], ids=["map-harmless-to-english", "hold-vi", "harmless-self"])
+def test_full_rank_solve_is_the_dense_ridge_solution(smollm2, variant):
+    """At full rank the solver's ΔW is (A + γC + λI)⁻¹B with A, B, C built here row by row:
+    mapped rows add to A and B, held rows (a held language, or harmless rows with target
+    'self') only to A, English last tokens to C."""
     model, tok = smollm2
     harm, safe = _prompts()
     info = find_mlp(model, LAYER)
-    cfg = ResidualFitConfig(layer=LAYER, low_langs=["zh", "vi"], rank=info.d_model, gamma=2.0, harmless_weight=3.0)
+    low = [l for l in ("zh", "vi") if l not in variant.get("hold_langs", [])]
+    cfg = ResidualFitConfig(layer=LAYER, low_langs=low, rank=info.d_model, gamma=2.0, harmless_weight=3.0,
+                            **variant)
     res = fit_residual(model, tok, harm, safe, cfg, progress=False)
     (edit,) = res.delta.edits
     assert edit.module == info.down and edit.side == "out" and torch.equal(edit.neurons, torch.arange(info.d_model))
     assert res.delta.metadata["method"] == "residual-closed-form"
+    assert res.delta.metadata["languages"]["hold"] == cfg.hold_langs
 
     prompts = [*harm, *safe]
     H, R, keep = _reference(model, tok, prompts, LAYER)
@@ -97,11 +107,16 @@ def test_full_rank_solve_is_the_dense_ridge_solution(smollm2):
     C = keep.clone()
     for i, p in enumerate(prompts):
         en = row.get((p.id, "en", p.label))
+        hh = torch.outer(H[i], H[i])
         if p.lang == "en":
-            C += torch.outer(H[i], H[i])
+            C += hh
+        elif p.lang in cfg.hold_langs:
+            A += cfg.hold_weight * hh
+        elif p.label == "harmless" and cfg.harmless_target == "self":
+            A += cfg.harmless_weight * hh
         elif en is not None:
             w = 1.0 if p.label == "harmful" else cfg.harmless_weight
-            A += w * torch.outer(H[i], H[i])
+            A += w * hh
             B += w * torch.outer(H[i], R[en] - R[i])
     Q = A + cfg.gamma * C
     lam = cfg.lam_rel * float(torch.diagonal(Q).sum()) / info.d_ff
@@ -176,8 +191,17 @@ def test_bad_input_is_refused_and_the_model_is_untouched(smollm2):
         ResidualFitConfig(layer=LAYER, low_langs=[])
     with pytest.raises(ValueError, match="harmless_weight"):
         ResidualFitConfig(layer=LAYER, low_langs=["zh"], harmless_weight=float("nan"))
+    with pytest.raises(ValueError, match=r"\['vi'\] are in both low_langs and hold_langs"):
+        ResidualFitConfig(layer=LAYER, low_langs=["zh", "vi"], hold_langs=["vi"])
+    with pytest.raises(ValueError, match="hold_weight"):
+        ResidualFitConfig(layer=LAYER, low_langs=["zh"], hold_langs=["vi"], hold_weight=-1.0)
+    with pytest.raises(ValueError, match="harmless_target must be one of"):
+        ResidualFitConfig(layer=LAYER, low_langs=["zh"], harmless_target="english")
     with pytest.raises(ValueError, match=r"no harmful prompts in \['th'\]"):
         fit_residual(model, tok, harm, safe, ResidualFitConfig(layer=LAYER, low_langs=["th"]), progress=False)
+    with pytest.raises(ValueError, match=r"hold_langs \['ko'\] have no prompts"):
+        fit_residual(model, tok, harm, safe, ResidualFitConfig(layer=LAYER, low_langs=["zh"], hold_langs=["ko"]),
+                     progress=False)
     shifted = [p.__class__(**{**p.__dict__, "id": p.id + "-x"}) if p.lang == "zh" else p for p in harm]
     with pytest.raises(ValueError, match="parallel prompts"):
         fit_residual(model, tok, shifted, safe, ResidualFitConfig(layer=LAYER, low_langs=["zh"]), progress=False)
@@ -191,12 +215,16 @@ def test_cli_fit_method_residual(smollm2, tmp_path, capsys):
     out = tmp_path / "residual.safetensors"
     rc = cli_main(["fit", "--model", "smollm2-135m-instruct", "--method", "residual",
                    "--harmful", "builtin:harmful", "--harmful-langs", "zh", "--harmless", "builtin:harmless",
-                   "--harmless-langs", "en,zh", "--layer", str(LAYER), "--rank", "4", "--limit", "2",
-                   "--harmless-weight", "2", "-o", str(out)])
+                   "--harmless-langs", "en,zh,vi", "--layer", str(LAYER), "--rank", "4", "--limit", "2",
+                   "--harmless-weight", "2", "--hold-langs", "vi", "--hold-weight", "8", "-o", str(out)])
     assert rc == 0
     delta = SparseDelta.load(out)
     assert delta.metadata["method"] == "residual-closed-form"
-    assert delta.metadata["config"]["harmless_weight"] == 2.0 and delta.metadata["config"]["layer"] == LAYER
+    cfg = delta.metadata["config"]
+    assert cfg["harmless_weight"] == 2.0 and cfg["layer"] == LAYER and cfg["hold_langs"] == ["vi"]
+    assert cfg["hold_weight"] == 8.0 and delta.metadata["languages"]["low"] == ["zh"]
+    # vi's harmful prompts were read (held rows), 2 ids each of en, zh, vi; vi's harmless rows are held too
+    assert delta.metadata["data"]["n_harmful"] == 6 and delta.metadata["data"]["held_language_rows"] == 4
     model, _ = smollm2
     with patch_model(model, delta) as handle:
         assert handle is not None and patched_modules(model)
@@ -205,6 +233,12 @@ def test_cli_fit_method_residual(smollm2, tmp_path, capsys):
         cli_main(["fit", "--model", "smollm2-135m-instruct", "--method", "residual", "--harmful",
                   "builtin:harmful", "--harmful-langs", "zh", "--harmless", "builtin:harmless",
                   "--layer", "14,15", "-o", str(tmp_path / "two.safetensors")])
+    for bad, message in ((["--heldout"], "--heldout"), (["--hold-langs", "zh"], "both low_langs and hold_langs")):
+        with pytest.raises(SystemExit, match=message):
+            cli_main(["fit", "--model", "smollm2-135m-instruct", "--method", "residual", "--harmful",
+                      "builtin:harmful", "--harmful-langs", "zh", "--harmless", "builtin:harmless",
+                      "--layer", str(LAYER), "-o", str(tmp_path / "bad.safetensors"), *bad])
+    assert not (tmp_path / "bad.safetensors").exists()
 
 
 def test_residual_delta_exports_to_peft_exactly(smollm2, tmp_path):
