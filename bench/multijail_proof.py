@@ -72,10 +72,29 @@ SWEEP: dict[str, tuple[dict, str]] = {
                  "residual fit, harmless rows + MGSM train-split questions (en zh th bn sw)"),
     "R20-r4": ({"method": "residual", "layer": 20, "rank": 4}, "residual fit, rank 4"),
     "R20-g4": ({"method": "residual", "layer": 20, "gamma": 4.0}, "residual fit, keep-term weight γ 4"),
+    "R20-self": ({"method": "residual", "layer": 20, "harmless_target": "self"},
+                 "residual fit, harmless non-English last tokens held in place (target 0), weight 4"),
+    "R20-self-w16": ({"method": "residual", "layer": 20, "harmless_target": "self", "harmless_weight": 16.0},
+                     "residual fit, harmless last tokens held in place, weight 16"),
+    "R20-hold": ({"method": "residual", "layer": 20, "hold_langs": ["bn", "sw"]},
+                 "residual fit, bn and sw (no compliance at base on validation) held in place, weight 1"),
+    "R20-hold-h16": ({"method": "residual", "layer": 20, "hold_langs": ["bn", "sw"], "hold_weight": 16.0},
+                     "residual fit, bn and sw held in place, weight 16"),
+    "R20-hold-h64": ({"method": "residual", "layer": 20, "hold_langs": ["bn", "sw"], "hold_weight": 64.0},
+                     "residual fit, bn and sw held in place, weight 64"),
+    "R20-hold-h16-w16": ({"method": "residual", "layer": 20, "hold_langs": ["bn", "sw"], "hold_weight": 16.0,
+                          "harmless_weight": 16.0}, "residual fit, bn and sw held (weight 16), harmless weight 16"),
+    "R20-hold-ar-h16": ({"method": "residual", "layer": 20, "hold_langs": ["bn", "sw", "ar"], "hold_weight": 16.0},
+                        "residual fit, bn, sw and ar held in place, weight 16"),
+    "R20-hold-h16-r8": ({"method": "residual", "layer": 20, "hold_langs": ["bn", "sw"], "hold_weight": 16.0,
+                         "rank": 8}, "residual fit, bn and sw held (weight 16), rank 8"),
+    "R20-hold3": ({"method": "residual", "layer": 20, "hold_langs": ["bn", "sw", "th"]},
+                  "residual fit, bn, sw and th held in place"),
     "R18": ({"method": "residual", "layer": 18}, "residual fit: layer 18 down_proj, harmless weight 4"),
     "R22": ({"method": "residual", "layer": 22}, "residual fit: layer 22 down_proj, harmless weight 4"),
 }
-DEFAULT_SWEEP = [name for name, (over, _) in SWEEP.items() if "method" not in over] + ["R20", "R20-w1"]
+DEFAULT_SWEEP = [name for name, (over, _) in SWEEP.items() if "method" not in over] + [
+    "R20", "R20-w1", "R20-hold-h16", "R20-hold-ar-h16"]
 
 
 def _mean(xs):
@@ -99,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--test-also", default="", help="further sweep rows to report on test (named as such)")
     ap.add_argument("--mgsm-langs", default="en,zh")
     ap.add_argument("--mgsm-limit", type=int, default=20)
+    ap.add_argument("--mgsm-max-new-tokens", type=int, default=256,
+                    help="MGSM answer budget (Qwen's chain of thought often runs past 256: use 512)")
     ap.add_argument("--harmless-limit", type=int, default=None,
                     help="harmless test ids per language for over-refusal and KL (default: all)")
     ap.add_argument("--val-over-refusal", action=argparse.BooleanOptionalAction, default=True,
@@ -144,7 +165,9 @@ def main(argv: list[str] | None = None) -> int:
             if over.pop("harmless_extra", None) == "mgsm":
                 # parallel harmless questions of the train split (MGSM is scored on its test split)
                 harmless += load_prompts("mgsm", langs=["en", "zh", "th", "bn", "sw"], split="train", label="harmless")
-            cfg_r = ResidualFitConfig(low_langs=fit_langs, cache_dir=str(out / "stats"), **over)
+            hold = over.get("hold_langs", [])
+            cfg_r = ResidualFitConfig(low_langs=[l for l in fit_langs if l not in hold],
+                                      cache_dir=str(out / "stats"), **over)
             t0 = time.perf_counter()
             res = fit_residual(model, tok, train, harmless, cfg_r)
         else:
@@ -246,7 +269,8 @@ def main(argv: list[str] | None = None) -> int:
         mgsm_langs = [x for x in args.mgsm_langs.split(",") if x]
         utility = UtilityOptions(
             harmless=load_prompts("builtin:harmless", split="test", label="harmless", limit=args.harmless_limit),
-            mgsm=load_prompts("mgsm", langs=mgsm_langs, split="test", limit=args.mgsm_limit) if mgsm_langs else None)
+            mgsm=load_prompts("mgsm", langs=mgsm_langs, split="test", limit=args.mgsm_limit) if mgsm_langs else None,
+            mgsm_max_new_tokens=args.mgsm_max_new_tokens)
         t0 = time.perf_counter()
         res = evaluate(model, tok, test, variants=variants, out_dir=out / "test", batch_size=args.batch_size,
                        utility=utility, progress=True)
