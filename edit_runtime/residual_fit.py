@@ -28,8 +28,9 @@ and harmless, of the ``hold_langs`` (weight ``w_hold``, ``hold_weight``): langua
 barely reads (Qwen parrots Bengali and Swahili prompts back, harmful or not), where an edit
 learned from the other languages would otherwise turn harmless requests into refusals too.
 :func:`edit_runtime.solver.solve` gives the minimiser (``A = Σ h hᵀ`` over i, w·j and w_hold·l,
-``C`` the keep set, ``B = Σ h Dᵀ`` over i and w·j: held rows have target 0). The edit is ``weight += U V`` on every row of ``down_proj``
-(``U = right.T (d_model, r)``, ``V = left.T (r, d_ff)``): low-rank, not row-sparse.
+``C`` the keep set, ``B = Σ h Dᵀ`` over i and w·j: held rows have target 0). The edit is
+``weight += U V`` on every row of ``down_proj`` (``U = right.T (d_model, r)``,
+``V = left.T (r, d_ff)``): low-rank, not row-sparse.
 """
 from __future__ import annotations
 
@@ -250,17 +251,13 @@ def residual_problem(stats: ResidualStats, cfg: ResidualFitConfig) -> dict[str, 
         dst = torch.tensor([b for _, b in pairs], dtype=torch.long)
         return H[src], R[dst] - R[src]
 
-    Xh, Dh = rows(harm)
-    xtx, xtd, dtd = Xh.T @ Xh, Xh.T @ Dh, float((Dh * Dh).sum())
-    if safe and cfg.harmless_weight > 0:
-        Xs, Ds = rows(safe)
-        w = cfg.harmless_weight
-        xtx, xtd, dtd = xtx + w * Xs.T @ Xs, xtd + w * Xs.T @ Ds, dtd + w * float((Ds * Ds).sum())
-    # held rows have target 0, so they only add to X^T X
-    for held, w in ((held_lang, cfg.hold_weight), (held_harmless, cfg.harmless_weight)):
-        if held and w > 0:
-            Xk = H[torch.tensor(held, dtype=torch.long)]
-            xtx = xtx + w * Xk.T @ Xk
+    # a held row is its own target (D = 0): it only adds to XᵀX
+    xtx, xtd, dtd = torch.zeros_like(stats.keep_xtx), H.new_zeros(H.shape[1], R.shape[1]), 0.0
+    for pairs, w in ((harm, 1.0), (safe, cfg.harmless_weight), ([(i, i) for i in held_lang], cfg.hold_weight),
+                     ([(i, i) for i in held_harmless], cfg.harmless_weight)):
+        if pairs and w > 0:
+            X, D = rows(pairs)
+            xtx, xtd, dtd = xtx + w * X.T @ X, xtd + w * X.T @ D, dtd + w * float((D * D).sum())
     Xa = H[torch.tensor(anchor, dtype=torch.long)] if anchor else H[:0]
     keep = stats.keep_xtx + Xa.T @ Xa
     return {"xtx_low": xtx, "xtd": xtd, "xtx_safe": keep, "dtd": dtd,
