@@ -51,6 +51,10 @@ def run(argv: Sequence[str] | None = None) -> int:
                    help="swe: up_proj rows of the safety neurons (edit_runtime.fit); residual: the layer's "
                         "down_proj, last-token residual mapped onto English (edit_runtime.residual_fit)")
     p.add_argument("--harmless-weight", type=float, default=4.0, help="residual: weight of the harmless rows")
+    p.add_argument("--hold-langs", default="",
+                   help="residual: comma-separated languages of --langs whose last tokens the edit leaves in place "
+                        "(languages the model does not read, e.g. bn,sw for Qwen); they are not mapped")
+    p.add_argument("--hold-weight", type=float, default=16.0, help="residual: weight of the held rows")
     p.add_argument("--limit", type=int, default=None,
                    help="evaluate on at most N held-out prompt ids per language (the fit uses the whole train split)")
     p.add_argument("--quick", action="store_true",
@@ -76,6 +80,12 @@ def run(argv: Sequence[str] | None = None) -> int:
     max_new = 32 if args.quick else None
     langs = [s.strip() for s in args.langs.split(",") if s.strip()]
     anchor, low = langs[0], langs[1:]
+    hold = [s.strip() for s in args.hold_langs.split(",") if s.strip()]
+    if hold and args.method != "residual":
+        p.error("--hold-langs is an option of --method residual")
+    if not set(hold) <= set(low):
+        p.error(f"--hold-langs {hold} must be among the non-anchor --langs {low}")
+    low = [l for l in low if l not in hold]
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
@@ -98,7 +108,8 @@ def run(argv: Sequence[str] | None = None) -> int:
 
     delta_path = out / "delta.safetensors"
     proj = "up_proj" if args.method == "swe" else "down_proj (residual recipe)"
-    step(f"fitting layer {args.layer} {proj}, rank {args.rank}, {'+'.join(low)} -> {anchor}")
+    step(f"fitting layer {args.layer} {proj}, rank {args.rank}, {'+'.join(low)} -> {anchor}"
+         + (f", {'+'.join(hold)} held" if hold else ""))
     t = time.time()
     if args.method == "swe":
         cfg = FitConfig(layers=[args.layer], low_langs=low, anchor_lang=anchor, rank=args.rank,
@@ -107,7 +118,7 @@ def run(argv: Sequence[str] | None = None) -> int:
     else:
         rcfg = ResidualFitConfig(layer=args.layer, low_langs=low, anchor_lang=anchor, rank=args.rank,
                                  gamma=args.gamma, harmless_weight=args.harmless_weight,
-                                 batch_size=args.batch_size)
+                                 hold_langs=hold, hold_weight=args.hold_weight, batch_size=args.batch_size)
         result = fit_residual(model, tok, harm_train, safe_train, rcfg)
     result.delta.save(delta_path)
     seconds["fit"] = time.time() - t
