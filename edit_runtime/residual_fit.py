@@ -267,11 +267,15 @@ def residual_problem(stats: ResidualStats, cfg: ResidualFitConfig) -> dict[str, 
                        "keep_positions": stats.keep_count + len(anchor)}}
 
 
-def _cache_path(model: nn.Module, prompts: Sequence[Prompt], cfg: ResidualFitConfig) -> tuple[Path, dict]:
-    # the rows are stored in prompt order, so the key hashes the ordered prompts
+def _cache_path(model: nn.Module, tokenizer: Any, prompts: Sequence[Prompt],
+                cfg: ResidualFitConfig) -> tuple[Path, dict]:
+    # the rows are stored in prompt order, so the key hashes the ordered prompts; the token ids
+    # are hashed too, so a changed tokenizer or chat template is a different key
     ordered = json.dumps([[p.id, p.lang, p.label, p.text] for p in prompts], ensure_ascii=False)
+    ids = json.dumps(encode_prompts(tokenizer, [p.text for p in prompts], system_prompt=cfg.system_prompt))
     meta = {"model": model_fingerprint(model), "layer": cfg.layer,
-            "prompts_sha256": hashlib.sha256(ordered.encode("utf-8")).hexdigest(), "system_prompt": cfg.system_prompt}
+            "prompts_sha256": hashlib.sha256(ordered.encode("utf-8")).hexdigest(),
+            "token_ids_sha256": hashlib.sha256(ids.encode()).hexdigest(), "system_prompt": cfg.system_prompt}
     key = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:16]
     return Path(cfg.cache_dir) / f"residual_L{cfg.layer}_{key}.safetensors", meta
 
@@ -309,7 +313,7 @@ def fit_residual(model: nn.Module, tokenizer: Any, harmful: Sequence[Prompt], ha
     t0 = time.perf_counter()
     stats = None
     if cfg.cache_dir:
-        path, meta = _cache_path(model, prompts, cfg)
+        path, meta = _cache_path(model, tokenizer, prompts, cfg)
         if path.exists():
             stats, _ = ResidualStats.load(path)
             log.info("residual statistics from %s", path)

@@ -176,6 +176,11 @@ def test_statistics_cache_is_reused(smollm2, tmp_path, monkeypatch):
     monkeypatch.setattr("edit_runtime.residual_fit.collect_residual_stats", no_forward)
     again = fit_residual(model, tok, harm, safe, cfg, progress=False)
     assert torch.equal(first.delta.edits[0].U, again.delta.edits[0].U)
+    # the same texts under another chat template are other token ids: another key, a new capture
+    monkeypatch.setattr(tok, "chat_template", "{% for m in messages %}Q: {{ m['content'] }}\n{% endfor %}A:")
+    with pytest.raises(AssertionError, match="captured again"):
+        fit_residual(model, tok, harm, safe, cfg, progress=False)
+    monkeypatch.undo()
     path.write_bytes(b"not a safetensors file")
     with pytest.raises(Exception):
         fit_residual(model, tok, harm, safe, cfg, progress=False)
