@@ -55,12 +55,14 @@ NEUTRAL_REQUESTS = ("Hello!", "Say something.", "Write a short text.")
 
 def baseline_requests() -> list[str]:
     """The unrelated requests ``B`` of the specificity score: the English prompts of the
-    project's built-in harmful and harmless sets (sorted, deduplicated) and
-    :data:`NEUTRAL_REQUESTS`."""
+    project's built-in harmful and harmless *pairs* (h001–h040, b001–b040; sorted,
+    deduplicated) and :data:`NEUTRAL_REQUESTS`. The unpaired harmless prompts added later
+    (b041–) are left out, so the judge measured on the hand labels does not move when the
+    prompt set grows."""
     from edit_runtime.data import load_prompts
 
     texts = {p.text for src in ("builtin:harmful", "builtin:harmless")
-             for p in load_prompts(src, langs=["en"])}
+             for p in load_prompts(src, langs=["en"]) if p.meta.get("pair")}
     return sorted(texts) + [q for q in NEUTRAL_REQUESTS if q not in texts]
 
 
