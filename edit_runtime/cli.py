@@ -57,6 +57,11 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     low = csv_list(args.harmful_langs)
+    if args.method != "residual":
+        given = [o for o, v in (("--hold-langs", args.hold_langs), ("--harmless-lang-weights", args.harmless_lang_weights))
+                 if v]
+        if given:
+            raise SystemExit(f"{', '.join(given)}: option(s) of --method residual, not {args.method}")
     residual = _residual_config(args, low) if args.method == "residual" else None
     hold = list(residual.hold_langs) if residual is not None else []
     harmful = _load_split(args.harmful, [args.anchor_lang, *low, *hold], args.split, args.limit, "harmful")
@@ -88,6 +93,20 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     return 0
 
 
+def _lang_weights(text: str | None) -> dict[str, float]:
+    """``"th=16,ar=8"`` -> ``{"th": 16.0, "ar": 8.0}``; exits naming a malformed item."""
+    out: dict[str, float] = {}
+    for item in csv_list(text) if text else []:
+        lang, eq, value = item.partition("=")
+        try:
+            if not eq or not lang.strip():
+                raise ValueError
+            out[lang.strip()] = float(value)
+        except ValueError:
+            raise SystemExit(f"--harmless-lang-weights: {item!r} is not LANG=WEIGHT (e.g. th=16,ar=16)") from None
+    return out
+
+
 def _residual_config(args: argparse.Namespace, low: list[str]):
     """``ResidualFitConfig`` from the fit options; exits on the ones the residual recipe has not."""
     from edit_runtime.residual_fit import ResidualFitConfig
@@ -102,6 +121,7 @@ def _residual_config(args: argparse.Namespace, low: list[str]):
     try:
         return ResidualFitConfig(layer=args.layer[0], low_langs=low, anchor_lang=args.anchor_lang, rank=args.rank,
                                  gamma=args.gamma, harmless_weight=args.harmless_weight,
+                                 harmless_lang_weights=_lang_weights(args.harmless_lang_weights),
                                  hold_langs=csv_list(args.hold_langs) if args.hold_langs else [],
                                  hold_weight=args.hold_weight, harmless_target=args.harmless_target,
                                  lam_rel=1e-2 if args.lam_rel is None else args.lam_rel,
@@ -125,6 +145,8 @@ def _add_fit(sub: argparse._SubParsersAction) -> None:
                         "last-token residual mapped onto the anchor's (edit_runtime.residual_fit)")
     p.add_argument("--harmless-weight", type=float, default=4.0,
                    help="residual: weight of the harmless rows")
+    p.add_argument("--harmless-lang-weights", default=None,
+                   help="residual: per-language harmless weights overriding --harmless-weight, e.g. th=16,ar=16")
     p.add_argument("--harmless-target", choices=["anchor", "self"], default="anchor",
                    help="residual: harmless last tokens mapped onto their anchor version, or held in place")
     p.add_argument("--hold-langs", default=None,

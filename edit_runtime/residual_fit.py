@@ -21,10 +21,10 @@ The change of layer ``L``'s output at a position is exactly ``h ΔW`` there, so 
 exact at that layer. The keep set is every prompt position except the last (harmful and
 harmless, all languages: the edit must not change how a prompt is read) plus the anchor
 language's last tokens (English behaviour stays). The harmless rows (weight ``w``,
-``harmless_weight``) map harmless prompts onto *their* English versions, so "answer as in
-English" is learned from both sides and harmless requests are not pushed towards a refusal
-(``harmless_target="self"`` holds them in place instead). ``l`` ranges over the last tokens, harmful
-and harmless, of the ``hold_langs`` (weight ``w_hold``, ``hold_weight``): languages the model
+``harmless_weight``, per language ``harmless_lang_weights``) map harmless prompts onto *their*
+English versions, so "answer as in English" is learned from both sides and harmless requests are
+not pushed towards a refusal (``harmless_target="self"`` holds them in place instead). ``l``
+ranges over the last tokens, harmful and harmless, of the ``hold_langs`` (weight ``w_hold``, ``hold_weight``): languages the model
 barely reads (Qwen parrots Bengali and Swahili prompts back, harmful or not), where an edit
 learned from the other languages would otherwise turn harmless requests into refusals too.
 :func:`edit_runtime.solver.solve` gives the minimiser (``A = Σ h hᵀ`` over i, w·j and w_hold·l,
@@ -76,6 +76,10 @@ class ResidualFitConfig:
         default=4.0, metadata={"help": "weight w of the harmless rows (harmless prompts onto their English "
                                        "version); Qwen, MultiJail validation: over-refusal 0.33 at w 1, "
                                        "0.31 at 4, 0.27 at 16 (base 0.08), ASR about the same"})
+    harmless_lang_weights: dict[str, float] = field(
+        default_factory=dict, metadata={"help": "per-language override of harmless_weight, e.g. {'th': 16}: "
+                                                "more weight where harmless requests of one language are "
+                                                "pushed towards a refusal"})
     hold_langs: Sequence[str] = field(
         default_factory=list, metadata={"help": "languages whose last tokens (harmful and harmless) the edit must "
                                                 "leave as they are (target 0): for languages the base model does "
@@ -103,10 +107,15 @@ class ResidualFitConfig:
             raise ValueError(f"languages {both} are in both low_langs and hold_langs")
         if self.harmless_target not in HARMLESS_TARGETS:
             raise ValueError(f"harmless_target must be one of {HARMLESS_TARGETS}, got {self.harmless_target!r}")
-        for name in ("gamma", "harmless_weight", "hold_weight"):
-            v = getattr(self, name)
+        self.harmless_lang_weights = {str(k): float(v) for k, v in dict(self.harmless_lang_weights).items()}
+        weights = {"gamma": self.gamma, "harmless_weight": self.harmless_weight, "hold_weight": self.hold_weight,
+                   **{f"harmless_lang_weights[{k!r}]": v for k, v in self.harmless_lang_weights.items()}}
+        for name, v in weights.items():
             if not v >= 0 or v != v:
                 raise ValueError(f"{name} must be >= 0, got {v!r}")
+        if self.anchor_lang in self.harmless_lang_weights:
+            raise ValueError(f"harmless_lang_weights: the anchor {self.anchor_lang!r} has no harmless rows "
+                             "(its last tokens are in the keep set)")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
 
@@ -251,19 +260,22 @@ def residual_problem(stats: ResidualStats, cfg: ResidualFitConfig) -> dict[str, 
         dst = torch.tensor([b for _, b in pairs], dtype=torch.long)
         return H[src], R[dst] - R[src]
 
-    # a held row is its own target (D = 0): it only adds to XᵀX
-    xtx, xtd, dtd = torch.zeros_like(stats.keep_xtx), H.new_zeros(H.shape[1], R.shape[1]), 0.0
-    for pairs, w in ((harm, 1.0), (safe, cfg.harmless_weight), ([(i, i) for i in held_lang], cfg.hold_weight),
-                     ([(i, i) for i in held_harmless], cfg.harmless_weight)):
-        if pairs and w > 0:
-            X, D = rows(pairs)
-            xtx, xtd, dtd = xtx + w * X.T @ X, xtd + w * X.T @ D, dtd + w * float((D * D).sum())
+    def harmless_w(i: int) -> float:
+        return cfg.harmless_lang_weights.get(stats.keys[i][1], cfg.harmless_weight)
+
+    # one weight per row; a held row is its own target (D = 0): it only adds to XᵀX
+    weighted = ([(i, t, 1.0) for i, t in harm] + [(i, t, harmless_w(i)) for i, t in safe]
+                + [(i, i, cfg.hold_weight) for i in held_lang] + [(i, i, harmless_w(i)) for i in held_harmless])
+    weighted = [(i, t, w) for i, t, w in weighted if w > 0]
+    X, D = rows([(i, t) for i, t, _ in weighted])
+    w = torch.tensor([w for *_, w in weighted], dtype=H.dtype)
+    xtx, xtd, dtd = (w[:, None] * X).T @ X, (w[:, None] * X).T @ D, float((w * (D * D).sum(1)).sum())
     Xa = H[torch.tensor(anchor, dtype=torch.long)] if anchor else H[:0]
     keep = stats.keep_xtx + Xa.T @ Xa
     return {"xtx_low": xtx, "xtd": xtd, "xtx_safe": keep, "dtd": dtd,
-            "counts": {"harmful_rows": len(harm), "harmless_rows": len(safe) if cfg.harmless_weight > 0 else 0,
+            "counts": {"harmful_rows": len(harm), "harmless_rows": sum(harmless_w(i) > 0 for i, _ in safe),
                        "held_language_rows": len(held_lang) if cfg.hold_weight > 0 else 0,
-                       "held_harmless_rows": len(held_harmless) if cfg.harmless_weight > 0 else 0,
+                       "held_harmless_rows": sum(harmless_w(i) > 0 for i in held_harmless),
                        "keep_positions": stats.keep_count + len(anchor)}}
 
 

@@ -82,7 +82,8 @@ def test_statistics_match_an_unbatched_reference(smollm2):
     {},
     {"hold_langs": ["vi"], "hold_weight": 5.0},
     {"harmless_target": "self"},
-], ids=["map-harmless-to-english", "hold-vi", "harmless-self"])
+    {"harmless_lang_weights": {"vi": 7.0}},
+], ids=["map-harmless-to-english", "hold-vi", "harmless-self", "harmless-weight-per-language"])
 def test_full_rank_solve_is_the_dense_ridge_solution(smollm2, variant):
     """At full rank the solver's ΔW is (A + γC + λI)⁻¹B with A, B, C built here row by row:
     mapped rows add to A and B, held rows (a held language, or harmless rows with target
@@ -113,9 +114,9 @@ def test_full_rank_solve_is_the_dense_ridge_solution(smollm2, variant):
         elif p.lang in cfg.hold_langs:
             A += cfg.hold_weight * hh
         elif p.label == "harmless" and cfg.harmless_target == "self":
-            A += cfg.harmless_weight * hh
+            A += cfg.harmless_lang_weights.get(p.lang, cfg.harmless_weight) * hh
         elif en is not None:
-            w = 1.0 if p.label == "harmful" else cfg.harmless_weight
+            w = 1.0 if p.label == "harmful" else cfg.harmless_lang_weights.get(p.lang, cfg.harmless_weight)
             A += w * hh
             B += w * torch.outer(H[i], R[en] - R[i])
     Q = A + cfg.gamma * C
@@ -196,6 +197,10 @@ def test_bad_input_is_refused_and_the_model_is_untouched(smollm2):
         ResidualFitConfig(layer=LAYER, low_langs=[])
     with pytest.raises(ValueError, match="harmless_weight"):
         ResidualFitConfig(layer=LAYER, low_langs=["zh"], harmless_weight=float("nan"))
+    with pytest.raises(ValueError, match=r"harmless_lang_weights\['zh'\] must be >= 0"):
+        ResidualFitConfig(layer=LAYER, low_langs=["zh"], harmless_lang_weights={"zh": -1})
+    with pytest.raises(ValueError, match="the anchor 'en' has no harmless rows"):
+        ResidualFitConfig(layer=LAYER, low_langs=["zh"], harmless_lang_weights={"en": 2})
     with pytest.raises(ValueError, match=r"\['vi'\] are in both low_langs and hold_langs"):
         ResidualFitConfig(layer=LAYER, low_langs=["zh", "vi"], hold_langs=["vi"])
     with pytest.raises(ValueError, match="hold_weight"):
@@ -221,13 +226,15 @@ def test_cli_fit_method_residual(smollm2, tmp_path, capsys):
     rc = cli_main(["fit", "--model", "smollm2-135m-instruct", "--method", "residual",
                    "--harmful", "builtin:harmful", "--harmful-langs", "zh", "--harmless", "builtin:harmless",
                    "--harmless-langs", "en,zh,vi", "--layer", str(LAYER), "--rank", "4", "--limit", "2",
-                   "--harmless-weight", "2", "--hold-langs", "vi", "--hold-weight", "8", "-o", str(out)])
+                   "--harmless-weight", "2", "--harmless-lang-weights", "zh=3", "--hold-langs", "vi",
+                   "--hold-weight", "8", "-o", str(out)])
     assert rc == 0
     delta = SparseDelta.load(out)
     assert delta.metadata["method"] == "residual-closed-form"
     cfg = delta.metadata["config"]
     assert cfg["harmless_weight"] == 2.0 and cfg["layer"] == LAYER and cfg["hold_langs"] == ["vi"]
     assert cfg["hold_weight"] == 8.0 and delta.metadata["languages"]["low"] == ["zh"]
+    assert cfg["harmless_lang_weights"] == {"zh": 3.0}
     # vi's harmful prompts were read (held rows), 2 ids each of en, zh, vi; vi's harmless rows are held too
     assert delta.metadata["data"]["n_harmful"] == 6 and delta.metadata["data"]["held_language_rows"] == 4
     model, _ = smollm2
@@ -238,7 +245,10 @@ def test_cli_fit_method_residual(smollm2, tmp_path, capsys):
         cli_main(["fit", "--model", "smollm2-135m-instruct", "--method", "residual", "--harmful",
                   "builtin:harmful", "--harmful-langs", "zh", "--harmless", "builtin:harmless",
                   "--layer", "14,15", "-o", str(tmp_path / "two.safetensors")])
-    for bad, message in ((["--heldout"], "--heldout"), (["--hold-langs", "zh"], "both low_langs and hold_langs")):
+    for bad, message in ((["--heldout"], "--heldout"), (["--hold-langs", "zh"], "both low_langs and hold_langs"),
+                         (["--harmless-lang-weights", "zh:3"], "is not LANG=WEIGHT"),
+                         (["--harmless-lang-weights", "zh=-1"], "must be >= 0"),
+                         (["--method", "swe", "--hold-langs", "vi"], "option\\(s\\) of --method residual")):
         with pytest.raises(SystemExit, match=message):
             cli_main(["fit", "--model", "smollm2-135m-instruct", "--method", "residual", "--harmful",
                       "builtin:harmful", "--harmful-langs", "zh", "--harmless", "builtin:harmless",
