@@ -57,6 +57,9 @@ def run(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--hold-weight", type=float, default=16.0, help="residual: weight of the held rows")
     p.add_argument("--limit", type=int, default=None,
                    help="evaluate on at most N held-out prompt ids per language (the fit uses the whole train split)")
+    p.add_argument("--harmless-limit", type=int, default=12,
+                   help="held-out harmless ids per language for over-refusal and KL (0 = all 29; 12, the "
+                        "paired ones, keeps the demo within 30 minutes)")
     p.add_argument("--quick", action="store_true",
                    help="smoke run: 4 ids per split (fit included) and 32 new tokens")
     p.add_argument("--batch-size", type=int, default=16)
@@ -102,7 +105,8 @@ def run(argv: Sequence[str] | None = None) -> int:
     harm_train = _ids_limited(load_prompts(args.harmful, langs=langs, split="train"), fit_limit)
     safe_train = _ids_limited(load_prompts(args.harmless, langs=langs, split="train"), fit_limit)
     harm_test = _ids_limited(load_prompts(args.harmful, langs=langs, split="test"), limit)
-    safe_test = _ids_limited(load_prompts(args.harmless, langs=langs, split="test"), limit)
+    safe_limit = min(x for x in (limit, args.harmless_limit) if x) if (limit or args.harmless_limit) else None
+    safe_test = _ids_limited(load_prompts(args.harmless, langs=langs, split="test"), safe_limit)
     print(f"   fit on train: {len(harm_train)} harmful + {len(safe_train)} harmless prompts; "
           f"evaluate on test: {len(harm_test)} harmful + {len(safe_test)} harmless ({len(langs)} languages)")
 
