@@ -58,8 +58,8 @@ def _cmd_fit(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     low = csv_list(args.harmful_langs)
     if args.method != "residual":
-        given = [o for o, v in (("--hold-langs", args.hold_langs), ("--harmless-lang-weights", args.harmless_lang_weights))
-                 if v]
+        residual_only = (("--hold-langs", args.hold_langs), ("--harmless-lang-weights", args.harmless_lang_weights))
+        given = [option for option, value in residual_only if value]
         if given:
             raise SystemExit(f"{', '.join(given)}: option(s) of --method residual, not {args.method}")
     residual = _residual_config(args, low) if args.method == "residual" else None

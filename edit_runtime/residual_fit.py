@@ -24,9 +24,10 @@ language's last tokens (English behaviour stays). The harmless rows (weight ``w`
 ``harmless_weight``, per language ``harmless_lang_weights``) map harmless prompts onto *their*
 English versions, so "answer as in English" is learned from both sides and harmless requests are
 not pushed towards a refusal (``harmless_target="self"`` holds them in place instead). ``l``
-ranges over the last tokens, harmful and harmless, of the ``hold_langs`` (weight ``w_hold``, ``hold_weight``): languages the model
-barely reads (Qwen parrots Bengali and Swahili prompts back, harmful or not), where an edit
-learned from the other languages would otherwise turn harmless requests into refusals too.
+ranges over the last tokens, harmful and harmless, of the ``hold_langs`` (weight ``w_hold``,
+``hold_weight``): languages the model barely reads (Qwen parrots Bengali and Swahili prompts
+back, harmful or not), where an edit learned from the other languages would otherwise turn
+harmless requests into refusals too.
 :func:`edit_runtime.solver.solve` gives the minimiser (``A = Σ h hᵀ`` over i, w·j and w_hold·l,
 ``C`` the keep set, ``B = Σ h Dᵀ`` over i and w·j: held rows have target 0). The edit is
 ``weight += U V`` on every row of ``down_proj`` (``U = right.T (d_model, r)``,
