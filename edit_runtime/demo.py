@@ -105,8 +105,9 @@ def run(argv: Sequence[str] | None = None) -> int:
     harm_train = _ids_limited(load_prompts(args.harmful, langs=langs, split="train"), fit_limit)
     safe_train = _ids_limited(load_prompts(args.harmless, langs=langs, split="train"), fit_limit)
     harm_test = _ids_limited(load_prompts(args.harmful, langs=langs, split="test"), limit)
-    safe_limit = min(x for x in (limit, args.harmless_limit) if x) if (limit or args.harmless_limit) else None
-    safe_test = _ids_limited(load_prompts(args.harmless, langs=langs, split="test"), safe_limit)
+    safe_limits = [x for x in (limit, args.harmless_limit) if x]  # 0 / None: no bound
+    safe_test = _ids_limited(load_prompts(args.harmless, langs=langs, split="test"),
+                             min(safe_limits) if safe_limits else None)
     print(f"   fit on train: {len(harm_train)} harmful + {len(safe_train)} harmless prompts; "
           f"evaluate on test: {len(harm_test)} harmful + {len(safe_test)} harmless ({len(langs)} languages)")
 

@@ -169,13 +169,14 @@ class ResidualStats:
 
 @torch.no_grad()
 def collect_residual_stats(model: nn.Module, tokenizer: Any, prompts: Sequence[Prompt], layer: int, *,
-                           system_prompt: str | None = None, batch_size: int = 8,
-                           progress: bool = True) -> ResidualStats:
+                           system_prompt: str | None = None, batch_size: int = 8, progress: bool = True,
+                           token_ids: Sequence[Sequence[int]] | None = None) -> ResidualStats:
     """One forward per prompt (stopped after ``layer``): the last-token ``down_proj`` input and
     layer output of each prompt, and ``Σ h hᵀ`` over all other positions (see the module doc).
 
     Prompts are batched by length with left padding and explicit positions, so each row sees
-    exactly what it would alone.
+    exactly what it would alone. ``token_ids``: the prompts already encoded
+    (:func:`edit_runtime.capture.encode_prompts` with ``system_prompt``), to skip encoding again.
     """
     from tqdm.auto import tqdm
 
@@ -184,7 +185,10 @@ def collect_residual_stats(model: nn.Module, tokenizer: Any, prompts: Sequence[P
     block = blocks[info.layer]
     down = model.get_submodule(info.down)
     device, pad_id = _input_device(model), _pad_id(tokenizer)
-    seqs = encode_prompts(tokenizer, [p.text for p in prompts], system_prompt=system_prompt)
+    seqs = (list(token_ids) if token_ids is not None
+            else encode_prompts(tokenizer, [p.text for p in prompts], system_prompt=system_prompt))
+    if len(seqs) != len(prompts):
+        raise ValueError(f"token_ids has {len(seqs)} rows for {len(prompts)} prompts")
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
     h_last = torch.zeros(len(seqs), info.d_ff, dtype=torch.float64)
     r_last = torch.zeros(len(seqs), info.d_model, dtype=torch.float64)
@@ -280,12 +284,12 @@ def residual_problem(stats: ResidualStats, cfg: ResidualFitConfig) -> dict[str, 
                        "keep_positions": stats.keep_count + len(anchor)}}
 
 
-def _cache_path(model: nn.Module, tokenizer: Any, prompts: Sequence[Prompt],
+def _cache_path(model: nn.Module, prompts: Sequence[Prompt], token_ids: Sequence[Sequence[int]],
                 cfg: ResidualFitConfig) -> tuple[Path, dict]:
     # the rows are stored in prompt order, so the key hashes the ordered prompts; the token ids
     # are hashed too, so a changed tokenizer or chat template is a different key
     ordered = json.dumps([[p.id, p.lang, p.label, p.text] for p in prompts], ensure_ascii=False)
-    ids = json.dumps(encode_prompts(tokenizer, [p.text for p in prompts], system_prompt=cfg.system_prompt))
+    ids = json.dumps([list(s) for s in token_ids])
     meta = {"model": model_fingerprint(model), "layer": cfg.layer,
             "prompts_sha256": hashlib.sha256(ordered.encode("utf-8")).hexdigest(),
             "token_ids_sha256": hashlib.sha256(ids.encode()).hexdigest(), "system_prompt": cfg.system_prompt}
@@ -325,14 +329,15 @@ def fit_residual(model: nn.Module, tokenizer: Any, harmful: Sequence[Prompt], ha
     prompts = [*harmful, *harmless]
     t0 = time.perf_counter()
     stats = None
+    seqs = encode_prompts(tokenizer, [p.text for p in prompts], system_prompt=cfg.system_prompt)
     if cfg.cache_dir:
-        path, meta = _cache_path(model, tokenizer, prompts, cfg)
+        path, meta = _cache_path(model, prompts, seqs, cfg)
         if path.exists():
             stats, _ = ResidualStats.load(path)
             log.info("residual statistics from %s", path)
     if stats is None:
         stats = collect_residual_stats(model, tokenizer, prompts, cfg.layer, system_prompt=cfg.system_prompt,
-                                       batch_size=cfg.batch_size, progress=progress)
+                                       batch_size=cfg.batch_size, progress=progress, token_ids=seqs)
         if cfg.cache_dir:
             stats.save(path, meta)
     seconds["statistics"] = time.perf_counter() - t0
