@@ -48,6 +48,12 @@ def _load_split(source: str, langs: list[str] | None, split: str | None, limit: 
     return prompts
 
 
+#: options only ``--method residual`` reads, as (flag, argparse dest); each defaults to None
+RESIDUAL_ONLY_OPTIONS = (("--harmless-weight", "harmless_weight"), ("--harmless-lang-weights", "harmless_lang_weights"),
+                         ("--harmless-target", "harmless_target"), ("--hold-langs", "hold_langs"),
+                         ("--hold-weight", "hold_weight"))
+
+
 def _cmd_fit(args: argparse.Namespace) -> int:
     import torch
 
@@ -58,8 +64,7 @@ def _cmd_fit(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     low = csv_list(args.harmful_langs)
     if args.method != "residual":
-        residual_only = (("--hold-langs", args.hold_langs), ("--harmless-lang-weights", args.harmless_lang_weights))
-        given = [option for option, value in residual_only if value]
+        given = [option for option, dest in RESIDUAL_ONLY_OPTIONS if getattr(args, dest) is not None]
         if given:
             raise SystemExit(f"{', '.join(given)}: option(s) of --method residual, not {args.method}")
     residual = _residual_config(args, low) if args.method == "residual" else None
@@ -118,12 +123,16 @@ def _residual_config(args: argparse.Namespace, low: list[str]):
     if args.heldout:
         raise SystemExit("--heldout reports SWE's held-out gap; --method residual has none (evaluate the "
                          "delta with edit-runtime eval instead)")
+    # residual-only options default to None on the command line (so that SWE can refuse them);
+    # left out, they take ResidualFitConfig's defaults
+    given = {key: value for key, value in (("harmless_weight", args.harmless_weight),
+                                           ("hold_weight", args.hold_weight),
+                                           ("harmless_target", args.harmless_target)) if value is not None}
     try:
         return ResidualFitConfig(layer=args.layer[0], low_langs=low, anchor_lang=args.anchor_lang, rank=args.rank,
-                                 gamma=args.gamma, harmless_weight=args.harmless_weight,
+                                 gamma=args.gamma, **given,
                                  harmless_lang_weights=_lang_weights(args.harmless_lang_weights),
                                  hold_langs=csv_list(args.hold_langs) if args.hold_langs else [],
-                                 hold_weight=args.hold_weight, harmless_target=args.harmless_target,
                                  lam_rel=1e-2 if args.lam_rel is None else args.lam_rel,
                                  system_prompt=args.system_prompt, batch_size=args.batch_size,
                                  cache_dir=args.cache_dir)
@@ -143,16 +152,17 @@ def _add_fit(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--method", choices=["swe", "residual"], default="swe",
                    help="swe: SWE's up_proj rows of the safety neurons; residual: one layer's down_proj, "
                         "last-token residual mapped onto the anchor's (edit_runtime.residual_fit)")
-    p.add_argument("--harmless-weight", type=float, default=4.0,
-                   help="residual: weight of the harmless rows")
+    p.add_argument("--harmless-weight", type=float, default=None,
+                   help="residual: weight of the harmless rows (default 4)")
     p.add_argument("--harmless-lang-weights", default=None,
                    help="residual: per-language harmless weights overriding --harmless-weight, e.g. th=16,ar=16")
-    p.add_argument("--harmless-target", choices=["anchor", "self"], default="anchor",
-                   help="residual: harmless last tokens mapped onto their anchor version, or held in place")
+    p.add_argument("--harmless-target", choices=["anchor", "self"], default=None,
+                   help="residual: harmless last tokens mapped onto their anchor version (default), or held "
+                        "in place")
     p.add_argument("--hold-langs", default=None,
                    help="residual: languages whose last tokens the edit must leave as they are, e.g. bn,sw "
                         "(where the base model does not comply: a pushed refusal there is over-refusal)")
-    p.add_argument("--hold-weight", type=float, default=1.0, help="residual: weight of the held rows")
+    p.add_argument("--hold-weight", type=float, default=None, help="residual: weight of the held rows (default 1)")
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--gamma", type=float, default=1.0, help="weight of the harmless term")
     p.add_argument("--lambda", dest="lam", type=float, default=None, help="ridge (default: scale-aware)")

@@ -50,11 +50,12 @@ def run(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--method", choices=["swe", "residual"], default="swe",
                    help="swe: up_proj rows of the safety neurons (edit_runtime.fit); residual: the layer's "
                         "down_proj, last-token residual mapped onto English (edit_runtime.residual_fit)")
-    p.add_argument("--harmless-weight", type=float, default=4.0, help="residual: weight of the harmless rows")
+    p.add_argument("--harmless-weight", type=float, default=None,
+                   help="residual: weight of the harmless rows (default 4)")
     p.add_argument("--hold-langs", default="",
                    help="residual: comma-separated languages of --langs whose last tokens the edit leaves in place "
                         "(languages the model does not read, e.g. bn,sw for Qwen); they are not mapped")
-    p.add_argument("--hold-weight", type=float, default=16.0, help="residual: weight of the held rows")
+    p.add_argument("--hold-weight", type=float, default=None, help="residual: weight of the held rows (default 16)")
     p.add_argument("--limit", type=int, default=None,
                    help="evaluate on at most N held-out prompt ids per language (the fit uses the whole train split)")
     p.add_argument("--harmless-limit", type=int, default=12,
@@ -84,8 +85,10 @@ def run(argv: Sequence[str] | None = None) -> int:
     langs = [s.strip() for s in args.langs.split(",") if s.strip()]
     anchor, low = langs[0], langs[1:]
     hold = [s.strip() for s in args.hold_langs.split(",") if s.strip()]
-    if hold and args.method != "residual":
-        p.error("--hold-langs is an option of --method residual")
+    residual_only = [flag for flag, given in (("--hold-langs", hold), ("--harmless-weight", args.harmless_weight),
+                                              ("--hold-weight", args.hold_weight)) if given]
+    if residual_only and args.method != "residual":
+        p.error(f"{', '.join(residual_only)}: option(s) of --method residual")
     if not set(hold) <= set(low):
         p.error(f"--hold-langs {hold} must be among the non-anchor --langs {low}")
     low = [l for l in low if l not in hold]
@@ -122,8 +125,10 @@ def run(argv: Sequence[str] | None = None) -> int:
         result = fit(model, tok, harm_train, safe_train, cfg)
     else:
         rcfg = ResidualFitConfig(layer=args.layer, low_langs=low, anchor_lang=anchor, rank=args.rank,
-                                 gamma=args.gamma, harmless_weight=args.harmless_weight,
-                                 hold_langs=hold, hold_weight=args.hold_weight, batch_size=args.batch_size)
+                                 gamma=args.gamma,
+                                 harmless_weight=4.0 if args.harmless_weight is None else args.harmless_weight,
+                                 hold_langs=hold, hold_weight=16.0 if args.hold_weight is None else args.hold_weight,
+                                 batch_size=args.batch_size)
         result = fit_residual(model, tok, harm_train, safe_train, rcfg)
     result.delta.save(delta_path)
     seconds["fit"] = time.time() - t

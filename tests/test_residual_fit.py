@@ -248,7 +248,9 @@ def test_cli_fit_method_residual(smollm2, tmp_path, capsys):
     for bad, message in ((["--heldout"], "--heldout"), (["--hold-langs", "zh"], "both low_langs and hold_langs"),
                          (["--harmless-lang-weights", "zh:3"], "is not LANG=WEIGHT"),
                          (["--harmless-lang-weights", "zh=-1"], "must be >= 0"),
-                         (["--method", "swe", "--hold-langs", "vi"], "option\\(s\\) of --method residual")):
+                         (["--method", "swe", "--hold-langs", "vi"], "option\\(s\\) of --method residual"),
+                         (["--method", "swe", "--harmless-weight", "4"], "--harmless-weight: option"),
+                         (["--method", "swe", "--harmless-target", "self"], "--harmless-target: option")):
         with pytest.raises(SystemExit, match=message):
             cli_main(["fit", "--model", "smollm2-135m-instruct", "--method", "residual", "--harmful",
                       "builtin:harmful", "--harmful-langs", "zh", "--harmless", "builtin:harmless",
