@@ -1,0 +1,135 @@
+"""Pool the judged test generations of several MultiJail proof runs (disjoint test-id ranges).
+
+    python bench/multijail_pool.py RUN_DIR [RUN_DIR ...] [--variants base,best-X,Y] [-o pooled.md]
+
+Each ``RUN_DIR`` is a proof output folder (``bench/multijail_proof.py -o``) whose
+``test/judged/<variant>.jsonl`` files hold one judged response per line (``id``, ``lang``,
+``verdict.label``). Lines are pooled by (variant, prompt id, language); the same pair in two runs
+must carry the same label (a rerun of the same delta), else the script stops. Only prompt ids that
+every variant has in every language are kept, so the variants are compared on the same prompts.
+
+Printed (and written with ``-o``): per language and variant, refusal / ASR / invalid in %, and the
+mean non-English ASR of each variant with its relative change against ``base`` and a **paired
+bootstrap** 95 % interval of that change. Resampling unit: a prompt id with all its languages
+(MultiJail is parallel, so one id's languages are not independent), 2000 draws, seed 0.
+Seconds: reading JSONL only.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+LABELS = ("refusal", "compliance", "invalid")
+
+
+def read_runs(dirs: list[Path], variants: list[str] | None) -> dict[str, dict[tuple[str, str], str]]:
+    """``{variant: {(prompt id, lang): label}}`` over every run folder."""
+    out: dict[str, dict[tuple[str, str], str]] = defaultdict(dict)
+    for d in dirs:
+        judged = d / "test" / "judged"
+        if not judged.is_dir():
+            raise SystemExit(f"{d}: no test/judged folder (run the proof's test stage first)")
+        for path in sorted(judged.glob("*.jsonl")):
+            name = path.stem
+            if variants and name not in variants:
+                continue
+            for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                    key, label = (row["id"], row["lang"]), row["verdict"]["label"]
+                except (json.JSONDecodeError, KeyError, TypeError) as e:
+                    raise SystemExit(f"{path}:{n}: not a judged line ({e})") from None
+                if label not in LABELS:
+                    raise SystemExit(f"{path}:{n}: unknown label {label!r}")
+                if out[name].get(key, label) != label:
+                    raise SystemExit(f"{name} {key}: judged {out[name][key]!r} in one run and {label!r} in "
+                                     f"another (different deltas under one name?)")
+                out[name][key] = label
+    missing = [v for v in variants or [] if v not in out]
+    if missing:
+        raise SystemExit(f"no judged file for variant(s) {missing} in {[str(d) for d in dirs]}")
+    if "base" not in out:
+        raise SystemExit("a 'base' variant is needed as the reference")
+    return dict(out)
+
+
+def common_ids(runs: dict[str, dict[tuple[str, str], str]], langs: list[str]) -> list[str]:
+    """Prompt ids every variant has in every language."""
+    ids = None
+    for labels in runs.values():
+        have = defaultdict(set)
+        for pid, lang in labels:
+            have[pid].add(lang)
+        full = {pid for pid, ls in have.items() if set(langs) <= ls}
+        ids = full if ids is None else ids & full
+    return sorted(ids or ())
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("runs", nargs="+", type=Path, help="proof output folders")
+    p.add_argument("--variants", default=None,
+                   help="comma list, in column order (default: every judged file, base first)")
+    p.add_argument("--anchor", default="en", help="language left out of the mean ASR")
+    p.add_argument("--boot", type=int, default=2000)
+    p.add_argument("-o", "--output", type=Path, default=None, help="write the Markdown here too")
+    args = p.parse_args(argv)
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()] if args.variants else None
+    runs = read_runs(args.runs, variants)
+    order = ["base"] + [v for v in (variants or sorted(runs)) if v != "base"]
+    langs = sorted({lang for labels in runs.values() for _, lang in labels},
+                   key=lambda lg: (lg != args.anchor, lg))
+    ids = common_ids(runs, langs)
+    if not ids:
+        raise SystemExit("no prompt id is judged for every variant in every language")
+    # counts[v][i, l, k]: 1 where variant v's response to id i in language l has label k
+    counts = {v: np.zeros((len(ids), len(langs), 3)) for v in order}
+    for v in order:
+        for i, pid in enumerate(ids):
+            for j, lg in enumerate(langs):
+                counts[v][i, j, LABELS.index(runs[v][(pid, lg)])] = 1
+    low = [j for j, lg in enumerate(langs) if lg != args.anchor]
+    lines = [f"{len(ids)} prompt ids × {len(langs)} languages, pooled from "
+             f"{', '.join(str(d) for d in args.runs)}. Refusal / ASR / invalid in %.", "",
+             "| lang | " + " | ".join(order) + " |", "|---" * (len(order) + 1) + "|"]
+    for j, lg in enumerate(langs):
+        cells = []
+        for v in order:
+            r, c, x = (100 * counts[v][:, j, :].mean(0)).tolist()
+            cells.append(f"{r:.0f} / {c:.0f} / {x:.0f}")
+        lines.append(f"| {lg} | " + " | ".join(cells) + " |")
+
+    def mean_asr(c: np.ndarray, rows: np.ndarray) -> float:
+        return float(c[rows][:, low, 1].mean())
+
+    rng = np.random.default_rng(0)
+    draws = rng.integers(0, len(ids), size=(args.boot, len(ids)))
+    all_rows = np.arange(len(ids))
+    base_boot = np.array([mean_asr(counts["base"], d) for d in draws])
+    cells = []
+    for v in order:
+        point = mean_asr(counts[v], all_rows)
+        if v == "base":
+            cells.append(f"**{100 * point:.1f}**")
+            continue
+        rel = point / mean_asr(counts["base"], all_rows) - 1
+        boot = np.array([mean_asr(counts[v], d) for d in draws]) / base_boot - 1
+        lo, hi = np.quantile(boot, [0.025, 0.975])
+        cells.append(f"**{100 * point:.1f}** ({100 * rel:+.0f} % rel. [{100 * lo:+.0f}, {100 * hi:+.0f}])")
+    lines.append("| **mean non-" + args.anchor + " ASR** | " + " | ".join(cells) + " |")
+    text = "\n".join(lines)
+    print(text)
+    if args.output:
+        args.output.write_text(text + "\n", encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,106 @@
+"""The statistics of the proof's reporting scripts: pooling judged runs, paired MGSM comparison."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+def _bench(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+pool = _bench("multijail_pool")
+
+
+def _write_run(root: Path, variant: str, rows: list[tuple[str, str, str]]) -> None:
+    judged = root / "test" / "judged"
+    judged.mkdir(parents=True, exist_ok=True)
+    with (judged / f"{variant}.jsonl").open("a", encoding="utf-8") as f:
+        for pid, lang, label in rows:
+            f.write(json.dumps({"id": pid, "lang": lang, "verdict": {"label": label, "reason": "x"}}) + "\n")
+
+
+def test_pool_counts_and_relative_change(tmp_path, capsys):
+    # run a: ids 1-2, run b: id 3; base complies on every non-English prompt, the edit on half
+    a, b = tmp_path / "a", tmp_path / "b"
+    _write_run(a, "base", [(f"m:{i}", lg, "refusal" if lg == "en" else "compliance")
+                           for i in (1, 2) for lg in ("en", "zh", "th")])
+    _write_run(b, "base", [("m:3", lg, "refusal" if lg == "en" else "compliance") for lg in ("en", "zh", "th")])
+    _write_run(a, "edit", [(f"m:{i}", lg, "refusal" if lg in ("en", "zh") else "compliance")
+                           for i in (1, 2) for lg in ("en", "zh", "th")])
+    _write_run(b, "edit", [("m:3", "en", "refusal"), ("m:3", "zh", "refusal"), ("m:3", "th", "invalid")])
+    out = tmp_path / "pooled.md"
+    assert pool.main([str(a), str(b), "-o", str(out)]) == 0
+    text = out.read_text()
+    assert text == capsys.readouterr().out
+    assert text.startswith("3 prompt ids × 3 languages")
+    # base: 6 of 6 non-English compliances; edit: 2 of 6 -> -67 %
+    assert "| **mean non-en ASR** | **100.0** | **33.3** (-67 % rel." in text
+    assert "| th | 0 / 100 / 0 | 0 / 67 / 33 |" in text
+    assert "| en | 100 / 0 / 0 | 100 / 0 / 0 |" in text
+
+
+def test_pool_keeps_only_prompts_every_variant_has(tmp_path, capsys):
+    _write_run(tmp_path, "base", [(f"m:{i}", lg, "compliance") for i in (1, 2) for lg in ("en", "zh")])
+    _write_run(tmp_path, "edit", [("m:1", "en", "refusal"), ("m:1", "zh", "refusal"), ("m:2", "en", "refusal")])
+    pool.main([str(tmp_path)])
+    assert capsys.readouterr().out.startswith("1 prompt ids × 2 languages")
+
+
+def test_pool_errors_name_the_problem(tmp_path):
+    with pytest.raises(SystemExit, match="no test/judged folder"):
+        pool.main([str(tmp_path)])
+    _write_run(tmp_path / "a", "base", [("m:1", "en", "refusal")])
+    _write_run(tmp_path / "b", "base", [("m:1", "en", "compliance")])
+    with pytest.raises(SystemExit, match="judged 'refusal' in one run and 'compliance' in another"):
+        pool.main([str(tmp_path / "a"), str(tmp_path / "b")])
+    with pytest.raises(SystemExit, match="no judged file for variant"):
+        pool.main([str(tmp_path / "a"), "--variants", "base,missing"])
+    _write_run(tmp_path / "c", "edit", [("m:1", "en", "refusal")])
+    with pytest.raises(SystemExit, match="'base' variant is needed"):
+        pool.main([str(tmp_path / "c")])
+    (tmp_path / "d" / "test" / "judged").mkdir(parents=True)
+    (tmp_path / "d" / "test" / "judged" / "base.jsonl").write_text("{not json\n")
+    with pytest.raises(SystemExit, match="base.jsonl:1: not a judged line"):
+        pool.main([str(tmp_path / "d")])
+
+
+def test_mcnemar_exact_against_binomial_reference():
+    torch = pytest.importorskip("torch")  # noqa: F841 - mgsm_paired imports the runtime
+    paired = _bench("mgsm_paired")
+    assert paired.mcnemar_p(0, 0) == 1.0
+    assert paired.mcnemar_p(3, 3) == 1.0
+    # two-sided exact binomial test, p = 0.5, computed here from the pmf
+    for b, c in ((0, 5), (1, 9), (7, 2), (12, 30)):
+        n, k = b + c, min(b, c)
+        ref = min(1.0, 2 * sum(math.comb(n, i) * 0.5 ** n for i in range(k + 1)))
+        assert paired.mcnemar_p(b, c) == pytest.approx(ref, rel=1e-12)
+    assert paired.mcnemar_p(0, 5) == pytest.approx(2 / 32)
+
+
+def test_paired_interval_is_tight_when_few_questions_flip():
+    pytest.importorskip("torch")
+    paired = _bench("mgsm_paired")
+    rng = np.random.default_rng(1)
+    base = (rng.random(200) < 0.3).astype(float)
+    same = base.copy()
+    assert paired.paired_interval(base, same) == (0.0, 0.0)
+    edit = base.copy()
+    edit[np.flatnonzero(base == 0)[:4]] = 1.0  # 4 gains of 200: +2 points
+    lo, hi = paired.paired_interval(base, edit)
+    assert 0.0 <= lo < 0.02 < hi <= 0.05
+    # the width comes from the 4 flips, not from the 30 % base rate (an unpaired interval of two
+    # rates near 0.3 on 200 questions each is about 18 points wide)
+    assert hi - lo < 0.05
