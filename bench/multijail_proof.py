@@ -98,6 +98,9 @@ SWEEP: dict[str, tuple[dict, str]] = {
     "R20-hold3-h16-ar16": ({"method": "residual", "layer": 20, "hold_langs": ["bn", "sw", "th"], "hold_weight": 16.0,
                             "harmless_lang_weights": {"ar": 16.0}},
                            "residual fit, bn, sw and th held (16), Arabic harmless rows weight 16"),
+    "R20-hold-h16-thar16-it": ({"method": "residual", "layer": 20, "hold_langs": ["bn", "sw"], "hold_weight": 16.0,
+                                "harmless_lang_weights": {"th": 16.0, "ar": 16.0}, "extra_fit_langs": ["it"]},
+                               "R20-hold-h16-thar16 with Italian fitted too (no longer a transfer check)"),
     "R20-hold3": ({"method": "residual", "layer": 20, "hold_langs": ["bn", "sw", "th"]},
                   "residual fit, bn, sw and th held in place"),
     "R18": ({"method": "residual", "layer": 18}, "residual fit: layer 18 down_proj, harmless weight 4"),
@@ -179,10 +182,12 @@ def main(argv: list[str] | None = None) -> int:
                 # parallel harmless questions of the train split (MGSM is scored on its test split)
                 harmless += load_prompts("mgsm", langs=["en", "zh", "th", "bn", "sw"], split="train", label="harmless")
             hold = over.get("hold_langs", [])
-            cfg_r = ResidualFitConfig(low_langs=[l for l in fit_langs if l not in hold],
+            extra = over.pop("extra_fit_langs", [])  # languages this row fits beyond --fit-langs
+            rows = train + (load_prompts("multijail", langs=extra, split="train", label="harmful") if extra else [])
+            cfg_r = ResidualFitConfig(low_langs=[l for l in [*fit_langs, *extra] if l not in hold],
                                       cache_dir=str(out / "stats"), **over)
             t0 = time.perf_counter()
-            res = fit_residual(model, tok, train, harmless, cfg_r)
+            res = fit_residual(model, tok, rows, harmless, cfg_r)
         else:
             over.setdefault("layers", [args.swe_layer])
             cfg = FitConfig(low_langs=fit_langs, cache_dir=str(out / "stats"), **over)
