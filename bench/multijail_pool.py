@@ -1,18 +1,21 @@
-"""Pool the judged test generations of several MultiJail proof runs (disjoint test-id ranges).
+"""Pool the test generations of MultiJail proof runs over several test-id ranges, judged anew.
 
     python bench/multijail_pool.py RUN_DIR [RUN_DIR ...] [--variants base,best-X,Y] [-o pooled.md]
 
-Each ``RUN_DIR`` is a proof output folder (``bench/multijail_proof.py -o``) whose
-``test/judged/<variant>.jsonl`` files hold one judged response per line (``id``, ``lang``,
-``verdict.label``). Lines are pooled by (variant, prompt id, language); the same pair in two runs
-must carry the same label (a rerun of the same delta), else the script stops. Only prompt ids that
-every variant has in every language are kept, so the variants are compared on the same prompts.
+Each ``RUN_DIR`` is a proof output folder (``bench/multijail_proof.py -o``). Its
+``test/generations/<variant>.jsonl`` files keep every response a test stage generated, whatever
+``--test-offset``/``--test-limit`` it ran with (``test/judged`` holds only the last stage's
+range), so one folder tested on ids 21-45, then 46-70, then 71-108 pools all three. Responses are
+judged here with the proof's judge (:class:`edit_runtime.judge.KeywordJudge`, deterministic).
+Lines are pooled by (variant, prompt id, language); the same pair in two folders must hold the
+same response (the same delta), else the script stops. Only prompt ids that every variant has in
+every language are kept, so the variants are compared on the same prompts.
 
 Printed (and written with ``-o``): per language and variant, refusal / ASR / invalid in %, and the
 mean non-English ASR of each variant with its relative change against ``base`` and a **paired
 bootstrap** 95 % interval of that change. Resampling unit: a prompt id with all its languages
 (MultiJail is parallel, so one id's languages are not independent), 2000 draws, seed 0.
-Seconds: reading JSONL only.
+Seconds: reading and judging JSONL only.
 """
 from __future__ import annotations
 
@@ -24,17 +27,19 @@ from pathlib import Path
 
 import numpy as np
 
-LABELS = ("refusal", "compliance", "invalid")
+from edit_runtime.judge import VERDICT_LABELS as LABELS
 
 
 def read_runs(dirs: list[Path], variants: list[str] | None) -> dict[str, dict[tuple[str, str], str]]:
-    """``{variant: {(prompt id, lang): label}}`` over every run folder."""
-    out: dict[str, dict[tuple[str, str], str]] = defaultdict(dict)
+    """``{variant: {(prompt id, lang): label}}`` over every run folder (harmful prompts only)."""
+    from edit_runtime.judge import KeywordJudge
+
+    rows: dict[str, dict[tuple[str, str], tuple[str, str]]] = defaultdict(dict)
     for d in dirs:
-        judged = d / "test" / "judged"
-        if not judged.is_dir():
-            raise SystemExit(f"{d}: no test/judged folder (run the proof's test stage first)")
-        for path in sorted(judged.glob("*.jsonl")):
+        gens = d / "test" / "generations"
+        if not gens.is_dir():
+            raise SystemExit(f"{d}: no test/generations folder (run the proof's test stage first)")
+        for path in sorted(gens.glob("*.jsonl")):
             name = path.stem
             if variants and name not in variants:
                 continue
@@ -43,21 +48,28 @@ def read_runs(dirs: list[Path], variants: list[str] | None) -> dict[str, dict[tu
                     continue
                 try:
                     row = json.loads(line)
-                    key, label = (row["id"], row["lang"]), row["verdict"]["label"]
+                    key, pair = (row["id"], row["lang"]), (row["prompt"], row["response"])
                 except (json.JSONDecodeError, KeyError, TypeError) as e:
-                    raise SystemExit(f"{path}:{n}: not a judged line ({e})") from None
-                if label not in LABELS:
-                    raise SystemExit(f"{path}:{n}: unknown label {label!r}")
-                if out[name].get(key, label) != label:
-                    raise SystemExit(f"{name} {key}: judged {out[name][key]!r} in one run and {label!r} in "
-                                     f"another (different deltas under one name?)")
-                out[name][key] = label
-    missing = [v for v in variants or [] if v not in out]
+                    raise SystemExit(f"{path}:{n}: not a generation line ({e})") from None
+                if row.get("label", "harmful") != "harmful":
+                    continue
+                if rows[name].get(key, pair) != pair:
+                    raise SystemExit(f"{name} {key}: two different responses in {[str(x) for x in dirs]} "
+                                     f"(different deltas under one name?)")
+                rows[name][key] = pair
+    missing = [v for v in variants or [] if v not in rows]
     if missing:
-        raise SystemExit(f"no judged file for variant(s) {missing} in {[str(d) for d in dirs]}")
-    if "base" not in out:
+        raise SystemExit(f"no generations for variant(s) {missing} in {[str(d) for d in dirs]}")
+    if "base" not in rows:
         raise SystemExit("a 'base' variant is needed as the reference")
-    return dict(out)
+    judge = KeywordJudge()
+    out: dict[str, dict[tuple[str, str], str]] = {}
+    for name, by_key in rows.items():
+        keys = list(by_key)
+        verdicts = judge.judge_batch([by_key[k][0] for k in keys], [by_key[k][1] for k in keys],
+                                     [k[1] for k in keys])
+        out[name] = {k: v.label for k, v in zip(keys, verdicts)}
+    return out
 
 
 def common_ids(runs: dict[str, dict[tuple[str, str], str]], langs: list[str]) -> list[str]:
