@@ -16,7 +16,7 @@ three signals and prints, for each, the AUC of telling gold ``compliance`` from 
   log p(Yes) − log p(No) at the first answer token (an LLM-as-judge prompt).
 
 A signal worth a judge would need an AUC well above the e5 score's. Measured (2026-12-02, blind
-set 1, 70 replies: 51 compliance, 19 invalid): e5 0.725, query likelihood 0.769, yes/no 0.635.
+set 1, 70 replies: 51 compliance, 19 invalid; 17 min on 2 busy cores): e5 0.723, query likelihood 0.721, yes/no 0.635.
 
 ``--learned`` instead cross-validates a learned combination on the two development files (no
 chat model, seconds): a multinomial logistic regression (L2 0.1, standardised features) over the
