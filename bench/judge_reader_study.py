@@ -41,9 +41,16 @@ from edit_runtime.data import load_prompts
 from edit_runtime.judge import KeywordJudge
 from edit_runtime.models import load_model
 from edit_runtime.relevance import response_logprobs
-from edit_runtime.similarity import E5Embedder, baseline_requests, references_from_prompts, specificity
+from edit_runtime.similarity import (E5Embedder, _unit_rows, baseline_requests, references_from_prompts,
+                                     specificity)
 
 FIXTURES = Path(__file__).resolve().parents[1] / "tests" / "fixtures"
+
+
+def _references() -> dict[str, str]:
+    """{prompt text: English text} over the parallel sources the labelled replies come from."""
+    return references_from_prompts(p for src in ("multijail", "builtin:harmful", "builtin:harmless")
+                                   for p in load_prompts(src))
 
 
 def auc(scores: np.ndarray, positive: np.ndarray) -> float:
@@ -95,16 +102,14 @@ def learned_cv(paths: list[Path], lam: float = 0.1, folds: int = 5) -> tuple[flo
 
     items = [json.loads(s) for path in paths for s in path.read_text(encoding="utf-8").splitlines()
              if s.strip()]
-    refs = references_from_prompts(p for src in ("multijail", "builtin:harmful", "builtin:harmless")
-                                   for p in load_prompts(src))
+    refs = _references()
     kj = KeywordJudge()
     verdicts = kj.judge_batch([it["prompt"] for it in items], [it["response"] for it in items],
                               [it["lang"] for it in items])
     emb = E5Embedder()
 
     def unit(a):
-        a = np.asarray(a, np.float64)
-        return a / np.linalg.norm(a, axis=1, keepdims=True)
+        return _unit_rows(a, len(a), "embeddings")
 
     qa = unit(emb.query([refs.get(it["prompt"], it["prompt"]) for it in items]))
     qp = unit(emb.query([it["prompt"] for it in items]))
@@ -168,8 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     items = [it for it in items if kj.judge(it["prompt"], it["response"], it["lang"]).label == "compliance"
              and it["gold"] in ("compliance", "invalid")]
     positive = np.array([it["gold"] == "compliance" for it in items])
-    refs = references_from_prompts(p for src in ("multijail", "builtin:harmful", "builtin:harmless")
-                                   for p in load_prompts(src))
+    refs = _references()
     anchors = [refs.get(it["prompt"], it["prompt"]) for it in items]
     replies = [it["response"] for it in items]
     print(f"{args.gold.name}: {len(items)} keyword-compliance replies "

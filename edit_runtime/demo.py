@@ -124,10 +124,11 @@ def run(argv: Sequence[str] | None = None) -> int:
                         gamma=args.gamma, batch_size=args.batch_size)
         result = fit(model, tok, harm_train, safe_train, cfg)
     else:
+        # --harmless-weight left out: ResidualFitConfig's default; the demo holds at 16 by default
+        weights = {"harmless_weight": args.harmless_weight} if args.harmless_weight is not None else {}
         rcfg = ResidualFitConfig(layer=args.layer, low_langs=low, anchor_lang=anchor, rank=args.rank,
-                                 gamma=args.gamma,
-                                 harmless_weight=4.0 if args.harmless_weight is None else args.harmless_weight,
-                                 hold_langs=hold, hold_weight=16.0 if args.hold_weight is None else args.hold_weight,
+                                 gamma=args.gamma, **weights, hold_langs=hold,
+                                 hold_weight=16.0 if args.hold_weight is None else args.hold_weight,
                                  batch_size=args.batch_size)
         result = fit_residual(model, tok, harm_train, safe_train, rcfg)
     result.delta.save(delta_path)
