@@ -10,7 +10,7 @@ import logging
 import sys
 from typing import Callable, Sequence
 
-from edit_runtime.commands.argtypes import csv_list, int_list
+from edit_runtime.commands.argtypes import csv_list, given_flags, int_list
 
 Command = Callable[[argparse.Namespace], int]
 
@@ -64,7 +64,7 @@ def _cmd_fit(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     low = csv_list(args.harmful_langs)
     if args.method != "residual":
-        given = [option for option, dest in RESIDUAL_ONLY_OPTIONS if getattr(args, dest) is not None]
+        given = given_flags(args, RESIDUAL_ONLY_OPTIONS)
         if given:
             raise SystemExit(f"{', '.join(given)}: option(s) of --method residual, not {args.method}")
     residual = _residual_config(args, low) if args.method == "residual" else None

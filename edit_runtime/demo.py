@@ -27,6 +27,12 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+from edit_runtime.commands.argtypes import csv_list, given_flags
+
+#: the demo's options that only ``--method residual`` reads, as (flag, argparse dest); default None
+RESIDUAL_ONLY_OPTIONS = (("--harmless-weight", "harmless_weight"), ("--hold-langs", "hold_langs"),
+                         ("--hold-weight", "hold_weight"))
+
 DEFAULT_MODEL = "qwen2.5-coder-0.5b-instruct"
 DEFAULT_LANGS = ("en", "zh", "vi", "th", "bn", "sw", "fr", "ar")
 
@@ -52,7 +58,7 @@ def run(argv: Sequence[str] | None = None) -> int:
                         "down_proj, last-token residual mapped onto English (edit_runtime.residual_fit)")
     p.add_argument("--harmless-weight", type=float, default=None,
                    help="residual: weight of the harmless rows (default 4)")
-    p.add_argument("--hold-langs", default="",
+    p.add_argument("--hold-langs", default=None,
                    help="residual: comma-separated languages of --langs whose last tokens the edit leaves in place "
                         "(languages the model does not read, e.g. bn,sw for Qwen); they are not mapped")
     p.add_argument("--hold-weight", type=float, default=None, help="residual: weight of the held rows (default 16)")
@@ -84,9 +90,8 @@ def run(argv: Sequence[str] | None = None) -> int:
     max_new = 32 if args.quick else None
     langs = [s.strip() for s in args.langs.split(",") if s.strip()]
     anchor, low = langs[0], langs[1:]
-    hold = [s.strip() for s in args.hold_langs.split(",") if s.strip()]
-    residual_only = [flag for flag, given in (("--hold-langs", hold), ("--harmless-weight", args.harmless_weight),
-                                              ("--hold-weight", args.hold_weight)) if given]
+    hold = csv_list(args.hold_langs or "")
+    residual_only = given_flags(args, RESIDUAL_ONLY_OPTIONS)
     if residual_only and args.method != "residual":
         p.error(f"{', '.join(residual_only)}: option(s) of --method residual")
     if not set(hold) <= set(low):

@@ -39,6 +39,7 @@ def test_demo_quick_runs_end_to_end(smollm2, tmp_path, capsys, extra):
 @pytest.mark.parametrize("extra,msg", [
     (["--hold-langs", "bn"], "option(s) of --method residual"),
     (["--hold-weight", "4"], "--hold-weight: option(s) of --method residual"),
+    (["--harmless-weight", "0"], "--harmless-weight: option(s) of --method residual"),  # 0 is given too
     (["--method", "residual", "--hold-langs", "ko"], "must be among the non-anchor"),
 ])
 def test_demo_refuses_bad_options_before_loading(tmp_path, capsys, extra, msg):

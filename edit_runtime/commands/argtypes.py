@@ -1,9 +1,9 @@
-"""Argument types shared by the ``edit-runtime`` sub-commands (argparse ``type=`` callables)."""
+"""Argument types and checks shared by the ``edit-runtime`` sub-commands and the demo."""
 from __future__ import annotations
 
 import argparse
 
-__all__ = ["csv_list", "int_list", "positive_int"]
+__all__ = ["csv_list", "given_flags", "int_list", "positive_int"]
 
 
 def csv_list(text: str) -> list[str]:
@@ -28,3 +28,10 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
     return value
+
+
+def given_flags(args: argparse.Namespace, options: "tuple[tuple[str, str], ...]") -> list[str]:
+    """The flags of ``options`` (``(flag, argparse dest)`` pairs whose default is None) that the
+    command line gave, e.g. to refuse options another ``--method`` reads. A given ``0`` or empty
+    value counts as given."""
+    return [flag for flag, dest in options if getattr(args, dest, None) is not None]
