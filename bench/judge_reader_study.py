@@ -67,7 +67,7 @@ from edit_runtime.judge import KeywordJudge
 from edit_runtime.models import load_model
 from edit_runtime.generation import generate_responses
 from edit_runtime.relevance import RelevanceJudge, response_logprobs
-from edit_runtime.similarity import (E5Embedder, _unit_rows, baseline_requests, references_from_prompts,
+from edit_runtime.similarity import (E5Embedder, baseline_requests, references_from_prompts, unit_rows,
                                      specificity)
 
 #: the scores the study can compute (``--signals``); all but ``e5`` run the ``--model``
@@ -129,8 +129,8 @@ def translation_match(model, tok, emb: E5Embedder, prompts: list[str], anchors: 
     tokens) and the prompt's real English version: did the model read the request right?"""
     texts = [f"Translate this text into English. Write only the translation.\n\n{p}" for p in prompts]
     mine = generate_responses(model, tok, texts, max_new_tokens=48, desc="translate")
-    return (_unit_rows(emb.query(anchors), len(anchors), "embeddings")
-            * _unit_rows(emb.query([m if m.strip() else "." for m in mine]), len(mine), "embeddings")).sum(1)
+    return (unit_rows(emb.query(anchors), len(anchors), "embeddings")
+            * unit_rows(emb.query([m if m.strip() else "." for m in mine]), len(mine), "embeddings")).sum(1)
 
 
 def learned_cv(paths: list[Path], lam: float = 0.1, folds: int = 5) -> tuple[float, float]:
@@ -146,7 +146,7 @@ def learned_cv(paths: list[Path], lam: float = 0.1, folds: int = 5) -> tuple[flo
     emb = E5Embedder()
 
     def unit(a):
-        return _unit_rows(a, len(a), "embeddings")
+        return unit_rows(a, len(a), "embeddings")
 
     qa = unit(emb.query([refs.get(it["prompt"], it["prompt"]) for it in items]))
     qp = unit(emb.query([it["prompt"] for it in items]))

@@ -30,7 +30,7 @@ import torch
 
 from edit_runtime import SparseDelta, patch_model
 from edit_runtime.data import load_prompts
-from edit_runtime.evaluate import _bootstrap_diff
+from edit_runtime.evaluate import paired_bootstrap_diff
 from edit_runtime.models import load_model
 from edit_runtime.utility import mgsm_accuracy
 
@@ -47,8 +47,8 @@ def mcnemar_p(b: int, c: int) -> float:
 
 def paired_interval(base: np.ndarray, edit: np.ndarray, boot: int = 2000) -> tuple[float, float]:
     """Percentile bootstrap 95 % interval of mean(edit) - mean(base), questions resampled (the
-    evaluator's paired bootstrap, :func:`edit_runtime.evaluate._bootstrap_diff`, seed 0)."""
-    _, lo, hi = _bootstrap_diff(base, edit, np.random.default_rng(0), boot, 0.05)
+    evaluator's paired bootstrap, :func:`edit_runtime.evaluate.paired_bootstrap_diff`, seed 0)."""
+    _, lo, hi = paired_bootstrap_diff(base, edit, np.random.default_rng(0), boot, 0.05)
     return lo, hi
 
 

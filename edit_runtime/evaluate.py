@@ -59,7 +59,7 @@ from typing import Any, Mapping, Sequence
 log = logging.getLogger(__name__)
 
 __all__ = ["UtilityOptions", "VariantResult", "EvalResult", "evaluate", "write_report",
-           "delta_digest", "paired_flips", "METRIC_DEFINITIONS", "RESULTS_FORMAT"]
+           "delta_digest", "paired_flips", "paired_bootstrap_diff", "METRIC_DEFINITIONS", "RESULTS_FORMAT"]
 
 RESULTS_FORMAT = "edit_runtime.eval_results"
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+=-]*$")
@@ -271,8 +271,12 @@ def _versions() -> dict[str, str]:
             "transformers": transformers.__version__}
 
 
-def _bootstrap_diff(base: Sequence[float], var: Sequence[float], rng, n_boot: int,
-                    alpha: float) -> tuple[float, float, float]:
+def paired_bootstrap_diff(base: Sequence[float], var: Sequence[float], rng, n_boot: int,
+                          alpha: float) -> tuple[float, float, float]:
+    """``(mean(var) - mean(base), lo, hi)``: the difference of two paired samples of shape
+    ``(n,)`` (item ``i`` of both is the same prompt), with a ``1 - alpha`` percentile interval
+    from ``n_boot`` resamples of the items (the pairs are kept together). ``rng`` is a
+    ``numpy.random.Generator``."""
     import numpy as np
 
     b = np.asarray(base, dtype=float)
@@ -308,10 +312,10 @@ def paired_flips(base_records: Sequence[Mapping[str, Any]], var_records: Sequenc
         for a, b in pl:
             trans[a][b] += 1
         rng = np.random.default_rng([seed, zlib.crc32(lang.encode("utf-8"))])
-        d_ref = _bootstrap_diff([a == "refusal" for a, _ in pl], [b == "refusal" for _, b in pl],
+        d_ref = paired_bootstrap_diff([a == "refusal" for a, _ in pl], [b == "refusal" for _, b in pl],
                                 rng, n_boot, alpha)
         rng = np.random.default_rng([seed, zlib.crc32(lang.encode("utf-8"))])
-        d_asr = _bootstrap_diff([a == "compliance" for a, _ in pl],
+        d_asr = paired_bootstrap_diff([a == "compliance" for a, _ in pl],
                                 [b == "compliance" for _, b in pl], rng, n_boot, alpha)
         out[lang] = {
             "n_paired": len(pl), "transitions": trans,

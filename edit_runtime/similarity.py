@@ -43,7 +43,7 @@ import numpy as np
 from edit_runtime.judge import Judge, OffTopicCheck
 from edit_runtime.relevance import references_from_prompts
 
-__all__ = ["SimilarityJudge", "E5Embedder", "baseline_requests", "specificity",
+__all__ = ["SimilarityJudge", "E5Embedder", "baseline_requests", "specificity", "unit_rows",
            "references_from_prompts", "DEFAULT_THRESHOLD", "NEUTRAL_REQUESTS"]
 
 #: specificity below this turns a ``compliance`` verdict into ``invalid`` (picked on the
@@ -97,7 +97,9 @@ class E5Embedder:
         return np.asarray(self._m().passage(list(texts)), dtype=np.float32).reshape(len(texts), -1)
 
 
-def _unit_rows(a: Any, n: int, what: str) -> np.ndarray:
+def unit_rows(a: Any, n: int, what: str) -> np.ndarray:
+    """Embeddings ``a`` of shape ``(n, d)`` as float64 rows of unit length (zero rows stay zero);
+    a wrong shape or a non-finite value is a ValueError naming ``what``."""
     a = np.asarray(a, dtype=np.float64)
     if a.ndim != 2 or a.shape[0] != n:
         raise ValueError(f"embedder returned {what} of shape {a.shape}, expected ({n}, d)")
@@ -127,10 +129,10 @@ def specificity(embedder: Any, anchors: Sequence[str], responses: Sequence[str],
     todo = [i for i, r in enumerate(responses) if r.strip()]
     if not todo:
         return out
-    B = _unit_rows(embedder.query(baseline), len(baseline), "baseline embeddings")
+    B = unit_rows(embedder.query(baseline), len(baseline), "baseline embeddings")
     uniq = list(dict.fromkeys(anchors[i] for i in todo))
-    Q = dict(zip(uniq, _unit_rows(embedder.query(uniq), len(uniq), "anchor embeddings")))
-    R = _unit_rows(embedder.passage([responses[i] for i in todo]), len(todo), "response embeddings")
+    Q = dict(zip(uniq, unit_rows(embedder.query(uniq), len(uniq), "anchor embeddings")))
+    R = unit_rows(embedder.passage([responses[i] for i in todo]), len(todo), "response embeddings")
     pos = {b: k for k, b in enumerate(baseline)}
     for row, i in zip(R, todo):
         sims = B @ row
