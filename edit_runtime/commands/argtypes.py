@@ -3,7 +3,13 @@ from __future__ import annotations
 
 import argparse
 
-__all__ = ["csv_list", "given_flags", "int_list", "positive_int"]
+__all__ = ["RESIDUAL_ONLY_OPTIONS", "csv_list", "given_flags", "int_list", "positive_int"]
+
+#: options only ``--method residual`` reads (``edit-runtime fit`` and the demo), as
+#: (flag, argparse dest); each defaults to None so that a given value can be told apart
+RESIDUAL_ONLY_OPTIONS = (("--harmless-weight", "harmless_weight"), ("--harmless-lang-weights", "harmless_lang_weights"),
+                         ("--harmless-target", "harmless_target"), ("--hold-langs", "hold_langs"),
+                         ("--hold-weight", "hold_weight"))
 
 
 def csv_list(text: str) -> list[str]:
@@ -33,5 +39,5 @@ def positive_int(text: str) -> int:
 def given_flags(args: argparse.Namespace, options: "tuple[tuple[str, str], ...]") -> list[str]:
     """The flags of ``options`` (``(flag, argparse dest)`` pairs whose default is None) that the
     command line gave, e.g. to refuse options another ``--method`` reads. A given ``0`` or empty
-    value counts as given."""
+    value counts as given; a dest the parser does not define counts as not given."""
     return [flag for flag, dest in options if getattr(args, dest, None) is not None]
