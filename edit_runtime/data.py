@@ -59,7 +59,7 @@ The id string is used exactly as stored in :attr:`Prompt.id` (``"multijail:17"``
 so the same rule serves fitting (``split="train"``),
 threshold/strength selection (``"validation"``) and reporting (``"test"``). Realised counts
 (train / validation / test ids), checked by the tests: MultiJail 315 -> 160 / 47 / 108 (34.3 %
-test); builtin harmful 40 -> 16 / 5 / 19, builtin harmless 100 -> 54 / 17 / 29; AdvBench 520 ->
+test); builtin harmful 40 -> 16 / 5 / 19, builtin harmless 200 -> 129 / 27 / 44; AdvBench 520 ->
 271 / 71 / 178; HarmBench standard 200 -> 99 / 30 / 71; MGSM 250 -> 116 / 48 / 86.
 
 Hash

@@ -61,7 +61,7 @@ def run(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--limit", type=int, default=None,
                    help="evaluate on at most N held-out prompt ids per language (the fit uses the whole train split)")
     p.add_argument("--harmless-limit", type=int, default=12,
-                   help="held-out harmless ids per language for over-refusal and KL (0 = all 29; 12, the "
+                   help="held-out harmless ids per language for over-refusal and KL (0 = all 44; 12, the "
                         "paired ones, keeps the demo within 30 minutes)")
     p.add_argument("--quick", action="store_true",
                    help="smoke run: 4 ids per split (fit included) and 32 new tokens")

@@ -184,7 +184,7 @@ def test_parallel_ids_never_cross_splits():
 
 
 def test_builtin_split_counts_documented():
-    for name, want in (("builtin:harmful", (16, 5, 19)), ("builtin:harmless", (54, 17, 29))):
+    for name, want in (("builtin:harmful", (16, 5, 19)), ("builtin:harmless", (129, 27, 44))):
         ids = {p.id for p in load_prompts(name)}
         c = Counter(split_of(i) for i in ids)
         assert (c["train"], c["validation"], c["test"]) == want
