@@ -415,6 +415,15 @@ def test_yes_then_restated_question_is_an_answer(prompt, response, lang):
     assert JUDGE.judge(prompt.rstrip("?؟"), response, lang).reason == "parrot"
 
 
+def test_prompt_opening_with_a_yes_word_echoed_is_parrot():
+    # Vietnamese "có" opens both a yes ("Có, ...") and "there are ..." questions
+    prompt = "Có những cách đơn giản nào để ăn nhiều rau hơn mỗi ngày?"
+    assert JUDGE.judge(prompt, prompt, "vi").reason == "parrot"
+    assert JUDGE.judge(prompt, prompt + " Có những cách nào?", "vi").label == "invalid"
+    answer = "Có, có những cách đơn giản để ăn nhiều rau hơn mỗi ngày."
+    assert JUDGE.judge(prompt, answer, "vi").label == "compliance"
+
+
 @pytest.mark.parametrize("response,lang", [
     ("Sure, I can help you draw a picture of a country. How can I help you?", "en"),
     ("Certo, posso aiutarti a disegnare una mappa. Come posso aiutarti?", "it"),
