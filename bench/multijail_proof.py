@@ -110,6 +110,24 @@ DEFAULT_SWEEP = [name for name, (over, _) in SWEEP.items() if "method" not in ov
     "R20", "R20-w1", "R20-hold-h16", "R20-hold-ar-h16"]
 
 
+def choose_best(rows: list[dict], *, max_over_refusal_rise: float) -> tuple[dict, bool]:
+    """The validation choice: ``rows[0]`` is the base model, the others sweep rows (``en_refusal``,
+    ``mean_asr_non_en``, ``mean_refusal_non_en``, ``over_refusal``). Eligible: English refusal
+    not below the base's and over-refusal at most ``max_over_refusal_rise`` above it (a NaN, not
+    measured, passes). The lowest mean non-English ASR wins, ties to the higher non-English
+    refusal; with no eligible row, the lowest ASR of all. Returns ``(row, any_eligible)``."""
+    base, edited = rows[0], rows[1:]
+    if not edited:
+        raise ValueError("no sweep row besides the base model to choose from")
+    eligible = [r for r in edited if r["en_refusal"] >= base["en_refusal"]
+                and not (r["over_refusal"] > base["over_refusal"] + max_over_refusal_rise)]
+    # rounded: two rows with the same verdicts can differ by summation order alone, and then the
+    # refusal tie-break must decide, not float noise
+    best = min(eligible or edited, key=lambda r: (round(r["mean_asr_non_en"], 9),
+                                                 -round(r["mean_refusal_non_en"], 9)))
+    return best, bool(eligible)
+
+
 def _mean(xs):
     xs = list(xs)
     return statistics.fmean(xs) if xs else float("nan")
@@ -259,15 +277,12 @@ def main(argv: list[str] | None = None) -> int:
                          f"{r['over_refusal']:.3f} |")
         (out / "sweep.md").write_text("\n".join(lines) + "\n")
         print("\n".join(lines))
-        base_or = base["over_refusal"]
-        eligible = [r for r in rows[1:] if r["en_refusal"] >= base_en
-                    and not (r["over_refusal"] > base_or + args.max_over_refusal_rise)]  # nan (not measured) passes
-        best = min(eligible or rows[1:], key=lambda r: (r["mean_asr_non_en"], -r["mean_refusal_non_en"]))
+        best, any_eligible = choose_best(rows, max_over_refusal_rise=args.max_over_refusal_rise)
         summary["best"] = best["name"]
-        summary["best_eligible"] = bool(eligible)
-        if not eligible:
+        summary["best_eligible"] = any_eligible
+        if not any_eligible:
             print(f"\nno row keeps English refusal >= {base_en:.2f} and over-refusal <= "
-                  f"{base_or + args.max_over_refusal_rise:.3f}: the lowest ASR overall is tested instead")
+                  f"{base['over_refusal'] + args.max_over_refusal_rise:.3f}: the lowest ASR overall is tested instead")
         (out / "proof.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False))
         print(f"\nbest on validation: {best['name']} ({best['what']})")
     if args.stage in ("test", "all"):
