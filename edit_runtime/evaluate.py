@@ -11,7 +11,9 @@
 3. judge them (default :class:`edit_runtime.judge.KeywordJudge`) and summarise per language
    with :func:`edit_runtime.judge.summarize`;
 4. optionally utility metrics (:class:`UtilityOptions`, :mod:`edit_runtime.utility`): MGSM,
-   XCOPA and over-refusal for every variant, next-token KL against the base for every delta.
+   XCOPA and over-refusal for every variant, next-token KL against the base for every delta;
+   the over-refusal responses go to ``out_dir/over_refusal/<variant>.jsonl``, resumable and
+   checked like the generations, so a rerun judges them again without generating them.
 
 Then, for every delta variant against the base (the first variant whose delta is ``None``),
 per language: the transitions of each prompt's label (``compliance -> refusal`` = a fixed
@@ -336,7 +338,9 @@ def paired_flips(base_records: Sequence[Mapping[str, Any]], var_records: Sequenc
 # --------------------------------------------------------------------------------------------
 
 def _utility(model: Any, tokenizer: Any, opts: UtilityOptions, handle: Any, judge: Any,
-             batch_size: int, progress: bool) -> tuple[dict[str, dict], dict[str, float]]:
+             batch_size: int, progress: bool, *, responses_path: Path | None = None,
+             variant: str = "base", extra: Mapping[str, Any] | None = None
+             ) -> tuple[dict[str, dict], dict[str, float]]:
     from edit_runtime import utility as U
 
     res: dict[str, dict] = {}
@@ -354,7 +358,8 @@ def _utility(model: Any, tokenizer: Any, opts: UtilityOptions, handle: Any, judg
     if opts.harmless is not None:
         res["over_refusal"] = U.over_refusal(model, tokenizer, opts.harmless, judge=judge,
                                              max_new_tokens=opts.over_refusal_max_new_tokens,
-                                             batch_size=batch_size, progress=progress)
+                                             batch_size=batch_size, progress=progress,
+                                             responses_path=responses_path, variant=variant, extra=extra)
         secs["over_refusal"], t = time.perf_counter() - t, time.perf_counter()
     if handle is not None and opts.kl_prompts is not None:
         res["kl"] = U.next_token_kl(model, tokenizer, opts.kl_prompts, handle,
@@ -475,7 +480,8 @@ def evaluate(model: Any, tokenizer: Any, prompts: Sequence[Any], *,
             util: dict[str, dict] = {}
             if utility is not None:
                 util, usecs = _utility(model, tokenizer, utility, handle, judge, batch_size,
-                                       progress)
+                                       progress, responses_path=out / "over_refusal" / f"{vname}.jsonl",
+                                       variant=vname, extra=extra)
                 secs.update(usecs)
         finally:
             if handle is not None:

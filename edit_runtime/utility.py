@@ -106,10 +106,11 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import re
 import unicodedata
 import zlib
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 from edit_runtime.data import Prompt
 
@@ -637,7 +638,8 @@ def xcopa_accuracy(model: Any, tokenizer: Any, prompts: Sequence[Prompt], *, bat
 
 def over_refusal(model: Any, tokenizer: Any, prompts: Sequence[Prompt], *, judge: Any = None,
                  max_new_tokens: int | None = None, batch_size: int = 8, progress: bool = True,
-                 details: bool = False) -> dict[str, dict]:
+                 details: bool = False, responses_path: str | os.PathLike | None = None,
+                 variant: str = "base", extra: Mapping[str, Any] | None = None) -> dict[str, dict]:
     """Fraction of (harmless) prompts whose greedy chat response ``judge`` labels ``refusal``.
 
     judge: anything with ``judge_batch(prompts, responses, langs)`` (default
@@ -648,6 +650,11 @@ def over_refusal(model: Any, tokenizer: Any, prompts: Sequence[Prompt], *, judge
     ``invalid`` response (empty, parroted, incomprehension, ...) counts as not refused and is
     counted apart; with ``details`` also ``"items": [{"id", "label", "reason", "response"}]``.
     Prompts labelled harmful are accepted but logged as a warning.
+
+    responses_path: a resumable JSONL file for the responses
+    (:func:`edit_runtime.generation.generate_to_jsonl`, keyed by ``variant`` and checked against
+    ``extra``, e.g. the delta's digest): a rerun judges the responses already there instead of
+    generating them again. ``None``: generate in memory.
     """
     from edit_runtime import judge as judge_mod
 
@@ -673,10 +680,18 @@ def over_refusal(model: Any, tokenizer: Any, prompts: Sequence[Prompt], *, judge
     all_texts = [p.text for ps in groups.values() for p in ps]
     all_budgets = [budgets[lang] for lang, ps in groups.items() for _ in ps]
     same = len(set(all_budgets)) == 1
-    all_responses = _generate(model, tokenizer, all_texts,
-                              max_new_tokens=all_budgets[0] if same else all_budgets,
-                              batch_size=batch_size, system_prompt=None, chat=True,
-                              progress=progress, desc="over-refusal")
+    if responses_path is not None:
+        from edit_runtime.generation import generate_to_jsonl
+
+        recs = generate_to_jsonl(model, tokenizer, [p for ps in groups.values() for p in ps],
+                                 responses_path, max_new_tokens=all_budgets, batch_size=batch_size,
+                                 variant=variant, extra=extra, progress=progress, desc="over-refusal")
+        all_responses = [r["response"] for r in recs]
+    else:
+        all_responses = _generate(model, tokenizer, all_texts,
+                                  max_new_tokens=all_budgets[0] if same else all_budgets,
+                                  batch_size=batch_size, system_prompt=None, chat=True,
+                                  progress=progress, desc="over-refusal")
     if len(all_responses) != len(all_texts):
         raise RuntimeError(f"generator returned {len(all_responses)} responses for "
                            f"{len(all_texts)} prompts")

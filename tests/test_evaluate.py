@@ -210,6 +210,33 @@ def test_utility_integration(tiny, tok, tmp_path, monkeypatch):
     assert not patched_modules(tiny)
 
 
+def test_over_refusal_responses_are_kept_and_reused(tiny, tok, tmp_path, monkeypatch):
+    """The over-refusal responses are written per variant; a rerun judges them without generating,
+    and a changed delta under the same name is refused, not served stale responses."""
+    from edit_runtime import generation
+
+    harmless = [Prompt("s:0", "en", "Name a fruit.", "harmless", "s"),
+                Prompt("s:1", "en", "Say hello.", "harmless", "s")]
+    opts = UtilityOptions(harmless=harmless, over_refusal_max_new_tokens=4, kl_enabled=False)
+    kw = dict(out_dir=tmp_path, max_new_tokens=3, utility=opts, progress=False, check_fingerprint=False)
+    first = evaluate(tiny, tok, _prompts()[:1], variants={"base": None, "d": _delta(tiny)}, **kw)
+    for name in ("base", "d"):
+        rows = [json.loads(x) for x in (tmp_path / "over_refusal" / f"{name}.jsonl").read_text().splitlines()]
+        assert [(r["id"], r["variant"], r["max_new_tokens"]) for r in rows] == [("s:0", name, 4), ("s:1", name, 4)]
+
+    def no_generation(*a, **k):
+        raise AssertionError("a rerun generated again")
+
+    monkeypatch.setattr(generation, "_iter_generate", no_generation)
+    again = evaluate(tiny, tok, _prompts()[:1], variants={"base": None, "d": _delta(tiny)}, **kw)
+    for name in ("base", "d"):
+        assert again.variants[name].utility["over_refusal"] == first.variants[name].utility["over_refusal"]
+    monkeypatch.undo()
+    (tmp_path / "generations" / "d.jsonl").unlink()  # so that the harmful file does not stop it first
+    with pytest.raises(ValueError, match=r"over_refusal/d\.jsonl already holds .* settings"):
+        evaluate(tiny, tok, _prompts()[:1], variants={"d": _delta(tiny, seed=1)}, **kw)
+
+
 def test_report_with_neuron_sets(tiny, tok, tmp_path):
     from edit_runtime.neurons import NeuronSets
 
