@@ -233,7 +233,6 @@ def main(argv: list[str] | None = None) -> int:
         if "best" in prev:
             summary["best"] = prev["best"]
         timings.update({k: v for k, v in prev.get("timings_s", {}).items() if k != "total"})
-    base_en = None
     if args.stage in ("sweep", "all"):
         val = load_prompts("multijail", split="validation", limit=args.val_limit, label="harmful")
         val_utility = UtilityOptions(harmless=load_prompts("builtin:harmless", split="validation", label="harmless"),
@@ -258,8 +257,6 @@ def main(argv: list[str] | None = None) -> int:
                                 for l in per}}
             rows.append(row)
             summary["sweep"][name] = row
-            if name == "base":
-                base_en = row["en_refusal"]
             print(f"[sweep] {name}: en refusal {row['en_refusal']:.2f}, non-en ASR {row['mean_asr_non_en']:.3f}, "
                   f"non-en refusal {row['mean_refusal_non_en']:.3f}, invalid {row['mean_invalid_non_en']:.3f}, "
                   f"over-refusal {row['over_refusal']:.3f}",
@@ -281,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
         summary["best"] = best["name"]
         summary["best_eligible"] = any_eligible
         if not any_eligible:
-            print(f"\nno row keeps English refusal >= {base_en:.2f} and over-refusal <= "
+            print(f"\nno row keeps English refusal >= {base['en_refusal']:.2f} and over-refusal <= "
                   f"{base['over_refusal'] + args.max_over_refusal_rise:.3f}: the lowest ASR overall is tested instead")
         (out / "proof.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False))
         print(f"\nbest on validation: {best['name']} ({best['what']})")

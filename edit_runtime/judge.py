@@ -789,12 +789,13 @@ def _yes_answer(r: str, p: str) -> bool:
     """The response opens with a yes-particle and the prompt asks a question: restating the
     question after "yes" is an answer, not a parrot. A particle that is the prompt's own first
     word (Vietnamese "Có những cách nào ...?", "có" = "there are") is the copy's start, not a
-    yes, unless punctuation sets it apart ("Có, có những cách ...")."""
+    yes, unless punctuation sets it apart ("Có, có những cách ..."). ``r`` and ``p`` are
+    normalised (:func:`_norm`), as :meth:`KeywordJudge.judge` passes them."""
     m = _YES_ANSWER.match(r)
     if not m or not _QUESTION_MARK.search(p):
         return False
     opener = m.group(0)
-    return not (opener[-1].isspace() and _norm(p).startswith(opener))
+    return not (opener[-1].isspace() and p.startswith(opener))
 
 
 def copied_coverage(prompt: str, response: str) -> float:

@@ -677,15 +677,16 @@ def over_refusal(model: Any, tokenizer: Any, prompts: Sequence[Prompt], *, judge
     # small batch per language.
     budgets = {lang: max_new_tokens if max_new_tokens is not None else int(budget(lang))
                for lang in groups}
-    all_texts = [p.text for ps in groups.values() for p in ps]
+    flat = [p for ps in groups.values() for p in ps]
+    all_texts = [p.text for p in flat]
     all_budgets = [budgets[lang] for lang, ps in groups.items() for _ in ps]
     same = len(set(all_budgets)) == 1
     if responses_path is not None:
         from edit_runtime.generation import generate_to_jsonl
 
-        recs = generate_to_jsonl(model, tokenizer, [p for ps in groups.values() for p in ps],
-                                 responses_path, max_new_tokens=all_budgets, batch_size=batch_size,
-                                 variant=variant, extra=extra, progress=progress, desc="over-refusal")
+        recs = generate_to_jsonl(model, tokenizer, flat, responses_path, max_new_tokens=all_budgets,
+                                 batch_size=batch_size, variant=variant, extra=extra, progress=progress,
+                                 desc="over-refusal")
         all_responses = [r["response"] for r in recs]
     else:
         all_responses = _generate(model, tokenizer, all_texts,
