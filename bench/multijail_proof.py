@@ -44,7 +44,7 @@ from edit_runtime.data import load_prompts
 from edit_runtime.evaluate import UtilityOptions, evaluate
 from edit_runtime.fit import FitConfig, fit
 from edit_runtime.models import load_model
-from edit_runtime.residual_fit import ResidualFitConfig, fit_residual
+from edit_runtime.residual_fit import ResidualFitConfig, fit_residual, prefetch_residual_stats
 
 MODEL = "qwen2.5-coder-0.5b-instruct"
 FIT_LANGS = "zh,vi,ar,ko,th,bn,sw,jv"
@@ -105,6 +105,10 @@ SWEEP: dict[str, tuple[dict, str]] = {
                   "residual fit, bn, sw and th held in place"),
     "R18": ({"method": "residual", "layer": 18}, "residual fit: layer 18 down_proj, harmless weight 4"),
     "R22": ({"method": "residual", "layer": 22}, "residual fit: layer 22 down_proj, harmless weight 4"),
+    # the layer of the residual recipe, with R20-hold-h16-thar16's options
+    **{f"R{layer}-hold-h16-thar16": ({"method": "residual", "layer": layer, "hold_langs": ["bn", "sw"],
+                                      "hold_weight": 16.0, "harmless_lang_weights": {"th": 16.0, "ar": 16.0}},
+                                     f"R20-hold-h16-thar16 at layer {layer}") for layer in (16, 18, 19, 21, 22)},
 }
 DEFAULT_SWEEP = [name for name, (over, _) in SWEEP.items() if "method" not in over] + [
     "R20", "R20-w1", "R20-hold-h16", "R20-hold-ar-h16"]
@@ -191,24 +195,46 @@ def main(argv: list[str] | None = None) -> int:
 
     warmed: set[tuple[str, str]] = set()
 
+    def residual_inputs(name: str) -> tuple[list, list, ResidualFitConfig]:
+        """The harmful rows, harmless rows and config of a residual sweep row."""
+        over = dict(SWEEP[name][0])
+        over.pop("method")
+        harmless = list(harmless_train)
+        if over.pop("harmless_extra", None) == "mgsm":
+            # parallel harmless questions of the train split (MGSM is scored on its test split)
+            harmless += load_prompts("mgsm", langs=["en", "zh", "th", "bn", "sw"], split="train", label="harmless")
+        hold = over.get("hold_langs", [])
+        extra = over.pop("extra_fit_langs", [])  # languages this row fits beyond --fit-langs
+        rows = train + (load_prompts("multijail", langs=extra, split="train", label="harmful") if extra else [])
+        return rows, harmless, ResidualFitConfig(low_langs=[l for l in [*fit_langs, *extra] if l not in hold],
+                                                 cache_dir=str(out / "stats"), **over)
+
+    def prefetch_residual(names: list[str]) -> None:
+        """One forward pass captures every layer the residual rows still to fit need."""
+        todo = [n for n in names if SWEEP[n][0].get("method") == "residual"
+                and not (out / "deltas" / f"{n}.safetensors").exists()]
+        by_rows: dict[tuple, tuple[list, list, list]] = {}
+        for n in todo:
+            rows, harmless, cfg_r = residual_inputs(n)
+            key = (tuple(SWEEP[n][0].get("extra_fit_langs", [])), SWEEP[n][0].get("harmless_extra"))
+            by_rows.setdefault(key, (rows, harmless, []))[2].append(cfg_r)
+        for rows, harmless, cfgs in by_rows.values():
+            t0 = time.perf_counter()
+            written = prefetch_residual_stats(model, tok, rows, harmless, cfgs)
+            if written:
+                timings[f"residual statistics, layers {sorted({c.layer for c in cfgs})}"] = time.perf_counter() - t0
+
     def delta_for(name: str) -> Path:
         path = out / "deltas" / f"{name}.safetensors"
         if path.exists():
             return path
         over = dict(SWEEP[name][0])
-        if over.pop("method", "swe") == "residual":
-            harmless = list(harmless_train)
-            if over.pop("harmless_extra", None) == "mgsm":
-                # parallel harmless questions of the train split (MGSM is scored on its test split)
-                harmless += load_prompts("mgsm", langs=["en", "zh", "th", "bn", "sw"], split="train", label="harmless")
-            hold = over.get("hold_langs", [])
-            extra = over.pop("extra_fit_langs", [])  # languages this row fits beyond --fit-langs
-            rows = train + (load_prompts("multijail", langs=extra, split="train", label="harmful") if extra else [])
-            cfg_r = ResidualFitConfig(low_langs=[l for l in [*fit_langs, *extra] if l not in hold],
-                                      cache_dir=str(out / "stats"), **over)
+        if over.get("method") == "residual":
+            rows, harmless, cfg_r = residual_inputs(name)
             t0 = time.perf_counter()
             res = fit_residual(model, tok, rows, harmless, cfg_r)
         else:
+            over.pop("method", None)
             over.setdefault("layers", [args.swe_layer])
             cfg = FitConfig(low_langs=fit_langs, cache_dir=str(out / "stats"), **over)
             kind = (cfg.target, cfg.position)
@@ -238,6 +264,7 @@ def main(argv: list[str] | None = None) -> int:
         val_utility = UtilityOptions(harmless=load_prompts("builtin:harmless", split="validation", label="harmless"),
                                      kl_enabled=False) if args.val_over_refusal else None
         rows = []
+        prefetch_residual(configs)
         for name in ["base", *configs]:
             t0 = time.perf_counter()
             variants = {"base": None} if name == "base" else {name: SparseDelta.load(delta_for(name))}

@@ -57,7 +57,8 @@ from edit_runtime.solver import solve
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ResidualFitConfig", "ResidualStats", "collect_residual_stats", "residual_problem", "fit_residual"]
+__all__ = ["ResidualFitConfig", "ResidualStats", "collect_residual_stats", "collect_residual_stats_layers",
+           "prefetch_residual_stats", "residual_problem", "fit_residual"]
 
 _STATS_FORMAT = "edit_runtime.residual_stats/1"
 HARMLESS_TARGETS = ("anchor", "self")
@@ -178,35 +179,64 @@ def collect_residual_stats(model: nn.Module, tokenizer: Any, prompts: Sequence[P
     exactly what it would alone. ``token_ids``: the prompts already encoded
     (:func:`edit_runtime.capture.encode_prompts` with ``system_prompt``), to skip encoding again.
     """
+    return collect_residual_stats_layers(model, tokenizer, prompts, [layer], system_prompt=system_prompt,
+                                         batch_size=batch_size, progress=progress, token_ids=token_ids)[layer]
+
+
+@torch.no_grad()
+def collect_residual_stats_layers(model: nn.Module, tokenizer: Any, prompts: Sequence[Prompt],
+                                  layers: Sequence[int], *, system_prompt: str | None = None, batch_size: int = 8,
+                                  progress: bool = True, token_ids: Sequence[Sequence[int]] | None = None
+                                  ) -> dict[int, ResidualStats]:
+    """:func:`collect_residual_stats` for several layers in one forward per prompt (stopped after
+    the deepest): the forward dominates the cost, so a layer sweep pays for it once.
+
+    Returns ``{layer: ResidualStats}`` with the layers normalised as :func:`find_mlp` does
+    (a negative index counts from the end). Each layer's ``keep_xtx`` is ``(d_ff, d_ff)`` float64.
+    """
     from tqdm.auto import tqdm
 
-    info = find_mlp(model, layer)
+    if not layers:
+        raise ValueError("collect_residual_stats_layers: no layers given")
+    infos = {}
+    for layer in layers:
+        info = find_mlp(model, layer)
+        infos[info.layer] = info
     _, blocks = find_decoder_layers(model)
-    block = blocks[info.layer]
-    down = model.get_submodule(info.down)
+    last = max(infos)
     device, pad_id = _input_device(model), _pad_id(tokenizer)
     seqs = (list(token_ids) if token_ids is not None
             else encode_prompts(tokenizer, [p.text for p in prompts], system_prompt=system_prompt))
     if len(seqs) != len(prompts):
         raise ValueError(f"token_ids has {len(seqs)} rows for {len(prompts)} prompts")
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
-    h_last = torch.zeros(len(seqs), info.d_ff, dtype=torch.float64)
-    r_last = torch.zeros(len(seqs), info.d_model, dtype=torch.float64)
-    keep = torch.zeros(info.d_ff, info.d_ff, dtype=torch.float64)
+    acc = {l: {"h_last": torch.zeros(len(seqs), info.d_ff, dtype=torch.float64),
+               "r_last": torch.zeros(len(seqs), info.d_model, dtype=torch.float64),
+               "keep": torch.zeros(info.d_ff, info.d_ff, dtype=torch.float64)} for l, info in infos.items()}
     count = 0
-    got: dict[str, torch.Tensor] = {}
+    got: dict[tuple[str, int], torch.Tensor] = {}
 
-    def grab_h(_m, args):
-        got["h"] = args[0]
+    def grab_h(layer):
+        def hook(_m, args):
+            got["h", layer] = args[0]
+        return hook
 
-    def grab_r(_m, _args, out):
-        got["r"] = out[0] if isinstance(out, tuple) else out
-        raise _StopForward
+    def grab_r(layer):
+        def hook(_m, _args, out):
+            got["r", layer] = out[0] if isinstance(out, tuple) else out
+            if layer == last:
+                raise _StopForward
+        return hook
 
-    hooks = [down.register_forward_pre_hook(grab_h), block.register_forward_hook(grab_r)]
+    hooks = []
+    for l, info in infos.items():
+        hooks.append(model.get_submodule(info.down).register_forward_pre_hook(grab_h(l)))
+        hooks.append(blocks[l].register_forward_hook(grab_r(l)))
     was_training = model.training
     model.eval()
-    bar = tqdm(total=len(seqs), desc=f"residual stats, layer {info.layer}", unit="prompt", disable=not progress)
+    names = ", ".join(str(l) for l in sorted(infos))
+    bar = tqdm(total=len(seqs), desc=f"residual stats, layer{'s' if len(infos) > 1 else ''} {names}",
+               unit="prompt", disable=not progress)
     try:
         for s in range(0, len(order), batch_size):
             idx = order[s:s + batch_size]
@@ -216,15 +246,16 @@ def collect_residual_stats(model: nn.Module, tokenizer: Any, prompts: Sequence[P
                       use_cache=False)
             except _StopForward:
                 pass
-            h = got.pop("h").double().cpu()                       # (B, T, d_ff)
-            r = got.pop("r").double().cpu()                       # (B, T, d_model)
-            h_last[idx] = h[:, -1]
-            r_last[idx] = r[:, -1]
             other = b.attention_mask.cpu().bool().clone()
             other[:, -1] = False                                  # left padding: the last column is the last token
-            x = h[other]                                          # (positions, d_ff)
-            keep += x.T @ x
-            count += int(x.shape[0])
+            for l, a in acc.items():
+                h = got.pop(("h", l)).double().cpu()              # (B, T, d_ff)
+                r = got.pop(("r", l)).double().cpu()              # (B, T, d_model)
+                a["h_last"][idx] = h[:, -1]
+                a["r_last"][idx] = r[:, -1]
+                x = h[other]                                      # (positions, d_ff)
+                a["keep"] += x.T @ x
+            count += int(other.sum())
             bar.update(len(idx))
     finally:
         bar.close()
@@ -232,7 +263,7 @@ def collect_residual_stats(model: nn.Module, tokenizer: Any, prompts: Sequence[P
             hk.remove()
         model.train(was_training)
     keys = [(p.id, p.lang, p.label) for p in prompts]
-    return ResidualStats(info.layer, keys, h_last, r_last, keep, count)
+    return {l: ResidualStats(l, list(keys), a["h_last"], a["r_last"], a["keep"], count) for l, a in acc.items()}
 
 
 def residual_problem(stats: ResidualStats, cfg: ResidualFitConfig) -> dict[str, Any]:
@@ -297,6 +328,57 @@ def _cache_path(model: nn.Module, prompts: Sequence[Prompt], token_ids: Sequence
     return Path(cfg.cache_dir) / f"residual_L{cfg.layer}_{key}.safetensors", meta
 
 
+def _fit_prompts(harmful: Sequence[Prompt], harmless: Sequence[Prompt],
+                 cfg: ResidualFitConfig) -> tuple[list[Prompt], list[Prompt]]:
+    """The prompts a fit reads, in the order its statistics store them (checked, relabelled)."""
+    needed = {cfg.anchor_lang, *cfg.low_langs, *cfg.hold_langs}
+    harmful = [p for p in harmful if p.lang in needed]
+    missing = {cfg.anchor_lang, *cfg.low_langs} - {p.lang for p in harmful}
+    if missing:
+        raise ValueError(f"no harmful prompts in {sorted(missing)} (have {sorted({p.lang for p in harmful})})")
+    unheld = set(cfg.hold_langs) - {p.lang for p in [*harmful, *harmless]}
+    if unheld:
+        raise ValueError(f"hold_langs {sorted(unheld)} have no prompts, harmful or harmless: nothing to hold")
+    # the label is part of each row's key: a harmful and a harmless prompt may share an id
+    harmful = [p if p.label == "harmful" else replace(p, label="harmful") for p in harmful]
+    harmless = [p if p.label == "harmless" else replace(p, label="harmless") for p in harmless]
+    return harmful, harmless
+
+
+def prefetch_residual_stats(model: nn.Module, tokenizer: Any, harmful: Sequence[Prompt],
+                            harmless: Sequence[Prompt], cfgs: Sequence[ResidualFitConfig], *,
+                            progress: bool = True) -> list[Path]:
+    """Fills the statistics cache for several fits with one forward pass per group of fits that
+    read the same prompts (a layer sweep): afterwards each :func:`fit_residual` of ``cfgs`` reads
+    its layer from the cache. Fits whose file already exists cost nothing.
+
+    Every config needs a ``cache_dir``. Returns the cache files written.
+    """
+    groups: dict[tuple, dict[int, tuple[Path, dict]]] = {}
+    encoded: dict[tuple, tuple[list[Prompt], list]] = {}
+    for cfg in cfgs:
+        if not cfg.cache_dir:
+            raise ValueError(f"prefetch_residual_stats: the config of layer {cfg.layer} has no cache_dir")
+        h, s = _fit_prompts(harmful, harmless, cfg)
+        prompts = [*h, *s]
+        key = (cfg.cache_dir, cfg.system_prompt, tuple((p.id, p.lang, p.label, p.text) for p in prompts))
+        if key not in encoded:
+            encoded[key] = (prompts, encode_prompts(tokenizer, [p.text for p in prompts],
+                                                    system_prompt=cfg.system_prompt))
+        path, meta = _cache_path(model, prompts, encoded[key][1], cfg)
+        if not path.exists():
+            groups.setdefault(key, {})[find_mlp(model, cfg.layer).layer] = (path, meta)
+    written = []
+    for key, todo in groups.items():
+        prompts, seqs = encoded[key]
+        stats = collect_residual_stats_layers(model, tokenizer, prompts, sorted(todo), system_prompt=key[1],
+                                              progress=progress, token_ids=seqs,
+                                              batch_size=min(c.batch_size for c in cfgs))
+        for layer, (path, meta) in todo.items():
+            written.append(stats[layer].save(path, meta))
+    return written
+
+
 def fit_residual(model: nn.Module, tokenizer: Any, harmful: Sequence[Prompt], harmless: Sequence[Prompt],
                  cfg: ResidualFitConfig, *, progress: bool = True) -> FitResult:
     """Fits the residual edit (module doc); returns the delta (not applied) and its report.
@@ -315,17 +397,7 @@ def fit_residual(model: nn.Module, tokenizer: Any, harmful: Sequence[Prompt], ha
     t_start = time.perf_counter()
     seconds: dict[str, float] = {}
     info = find_mlp(model, cfg.layer)
-    needed = {cfg.anchor_lang, *cfg.low_langs, *cfg.hold_langs}
-    harmful = [p for p in harmful if p.lang in needed]
-    missing = {cfg.anchor_lang, *cfg.low_langs} - {p.lang for p in harmful}
-    if missing:
-        raise ValueError(f"no harmful prompts in {sorted(missing)} (have {sorted({p.lang for p in harmful})})")
-    unheld = set(cfg.hold_langs) - {p.lang for p in [*harmful, *harmless]}
-    if unheld:
-        raise ValueError(f"hold_langs {sorted(unheld)} have no prompts, harmful or harmless: nothing to hold")
-    # the label is part of each row's key: a harmful and a harmless prompt may share an id
-    harmful = [p if p.label == "harmful" else replace(p, label="harmful") for p in harmful]
-    harmless = [p if p.label == "harmless" else replace(p, label="harmless") for p in harmless]
+    harmful, harmless = _fit_prompts(harmful, harmless, cfg)
     prompts = [*harmful, *harmless]
     t0 = time.perf_counter()
     stats = None

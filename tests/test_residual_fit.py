@@ -3,6 +3,7 @@ the solve against the dense ridge solution, the patched model against the solver
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -17,7 +18,9 @@ from edit_runtime.residual_fit import (
     ResidualFitConfig,
     ResidualStats,
     collect_residual_stats,
+    collect_residual_stats_layers,
     fit_residual,
+    prefetch_residual_stats,
     residual_problem,
 )
 
@@ -185,6 +188,51 @@ def test_statistics_cache_is_reused(smollm2, tmp_path, monkeypatch):
     path.write_bytes(b"not a safetensors file")
     with pytest.raises(Exception):
         fit_residual(model, tok, harm, safe, cfg, progress=False)
+
+
+def test_several_layers_in_one_pass_match_one_layer_each(smollm2):
+    model, tok = smollm2
+    harm, safe = _prompts(2)
+    prompts = [*harm, *safe]
+    both = collect_residual_stats_layers(model, tok, prompts, [LAYER - 3, LAYER], batch_size=4, progress=False)
+    assert sorted(both) == [LAYER - 3, LAYER]
+    for layer, got in both.items():
+        alone = collect_residual_stats(model, tok, prompts, layer, batch_size=4, progress=False)
+        assert got.layer == layer and got.keys == alone.keys and got.keep_count == alone.keep_count
+        for name in ("h_last", "r_last", "keep_xtx"):
+            torch.testing.assert_close(getattr(got, name), getattr(alone, name), rtol=1e-6, atol=1e-6)
+    assert not torch.equal(both[LAYER].r_last, both[LAYER - 3].r_last)
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules()), "a hook was left behind"
+    with pytest.raises(ValueError, match="no layers"):
+        collect_residual_stats_layers(model, tok, prompts, [], progress=False)
+
+
+def test_prefetch_fills_the_cache_the_fits_read(smollm2, tmp_path, monkeypatch):
+    model, tok = smollm2
+    harm, safe = _prompts(2)
+    cfgs = [ResidualFitConfig(layer=l, low_langs=["zh"], rank=4, cache_dir=str(tmp_path)) for l in (LAYER - 2, LAYER)]
+    calls = []
+    real = collect_residual_stats_layers
+
+    def counting(*a, **k):
+        calls.append(list(a[3]))
+        return real(*a, **k)
+
+    monkeypatch.setattr("edit_runtime.residual_fit.collect_residual_stats_layers", counting)
+    written = prefetch_residual_stats(model, tok, harm, safe, cfgs, progress=False)
+    assert calls == [[LAYER - 2, LAYER]] and len(written) == 2     # one pass for both layers
+    assert prefetch_residual_stats(model, tok, harm, safe, cfgs, progress=False) == [] and len(calls) == 1
+
+    def no_forward(*a, **k):
+        raise AssertionError("statistics were captured again instead of read from the cache")
+
+    monkeypatch.setattr("edit_runtime.residual_fit.collect_residual_stats", no_forward)
+    cached = fit_residual(model, tok, harm, safe, cfgs[0], progress=False)
+    monkeypatch.undo()
+    fresh = fit_residual(model, tok, harm, safe, dataclasses.replace(cfgs[0], cache_dir=None), progress=False)
+    torch.testing.assert_close(cached.delta.edits[0].U, fresh.delta.edits[0].U, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="no cache_dir"):
+        prefetch_residual_stats(model, tok, harm, safe, [dataclasses.replace(cfgs[0], cache_dir=None)])
 
 
 def test_bad_input_is_refused_and_the_model_is_untouched(smollm2):
