@@ -44,7 +44,7 @@ from edit_runtime.data import load_prompts
 from edit_runtime.evaluate import UtilityOptions, evaluate
 from edit_runtime.fit import FitConfig, fit
 from edit_runtime.models import load_model
-from edit_runtime.residual_fit import ResidualFitConfig, fit_residual, prefetch_residual_stats
+from edit_runtime.residual_fit import ResidualFitConfig, fit_residual, fit_residual_layers, prefetch_residual_stats
 
 MODEL = "qwen2.5-coder-0.5b-instruct"
 FIT_LANGS = "zh,vi,ar,ko,th,bn,sw,jv"
@@ -109,6 +109,11 @@ SWEEP: dict[str, tuple[dict, str]] = {
     **{f"R{layer}-hold-h16-thar16": ({"method": "residual", "layer": layer, "hold_langs": ["bn", "sw"],
                                       "hold_weight": 16.0, "harmless_lang_weights": {"th": 16.0, "ar": 16.0}},
                                      f"R20-hold-h16-thar16 at layer {layer}") for layer in (16, 18, 19, 21, 22)},
+    # several layers composed: each fitted with the earlier layers' edits on (fit_residual_layers)
+    **{f"R{a}+{b}-hold-h16-thar16": ({"method": "residual", "layers": [a, b], "hold_langs": ["bn", "sw"],
+                                      "hold_weight": 16.0, "harmless_lang_weights": {"th": 16.0, "ar": 16.0}},
+                                     f"R20-hold-h16-thar16's options at layers {a} and {b}, composed")
+       for a, b in ((18, 20), (19, 21), (20, 22), (18, 21))},
 }
 DEFAULT_SWEEP = [name for name, (over, _) in SWEEP.items() if "method" not in over] + [
     "R20", "R20-w1", "R20-hold-h16", "R20-hold-ar-h16"]
@@ -195,10 +200,11 @@ def main(argv: list[str] | None = None) -> int:
 
     warmed: set[tuple[str, str]] = set()
 
-    def residual_inputs(name: str) -> tuple[list, list, ResidualFitConfig]:
-        """The harmful rows, harmless rows and config of a residual sweep row."""
+    def residual_inputs(name: str) -> tuple[list, list, list[ResidualFitConfig]]:
+        """The harmful rows, harmless rows and configs (one per layer, composed) of a residual row."""
         over = dict(SWEEP[name][0])
         over.pop("method")
+        layers = over.pop("layers", None) or [over.pop("layer")]
         harmless = list(harmless_train)
         if over.pop("harmless_extra", None) == "mgsm":
             # parallel harmless questions of the train split (MGSM is scored on its test split)
@@ -206,18 +212,20 @@ def main(argv: list[str] | None = None) -> int:
         hold = over.get("hold_langs", [])
         extra = over.pop("extra_fit_langs", [])  # languages this row fits beyond --fit-langs
         rows = train + (load_prompts("multijail", langs=extra, split="train", label="harmful") if extra else [])
-        return rows, harmless, ResidualFitConfig(low_langs=[l for l in [*fit_langs, *extra] if l not in hold],
-                                                 cache_dir=str(out / "stats"), **over)
+        low = [l for l in [*fit_langs, *extra] if l not in hold]
+        return rows, harmless, [ResidualFitConfig(layer=l, low_langs=low, cache_dir=str(out / "stats"), **over)
+                                for l in layers]
 
     def prefetch_residual(names: list[str]) -> None:
-        """One forward pass captures every layer the residual rows still to fit need."""
+        """One forward pass captures every layer the residual rows still to fit read unedited (the
+        first layer of a composed row: its later layers are read under the earlier edits)."""
         todo = [n for n in names if SWEEP[n][0].get("method") == "residual"
                 and not (out / "deltas" / f"{n}.safetensors").exists()]
         by_rows: dict[tuple, tuple[list, list, list]] = {}
         for n in todo:
-            rows, harmless, cfg_r = residual_inputs(n)
+            rows, harmless, cfgs_r = residual_inputs(n)
             key = (tuple(SWEEP[n][0].get("extra_fit_langs", [])), SWEEP[n][0].get("harmless_extra"))
-            by_rows.setdefault(key, (rows, harmless, []))[2].append(cfg_r)
+            by_rows.setdefault(key, (rows, harmless, []))[2].append(min(cfgs_r, key=lambda c: c.layer))
         for rows, harmless, cfgs in by_rows.values():
             t0 = time.perf_counter()
             written = prefetch_residual_stats(model, tok, rows, harmless, cfgs)
@@ -230,9 +238,10 @@ def main(argv: list[str] | None = None) -> int:
             return path
         over = dict(SWEEP[name][0])
         if over.get("method") == "residual":
-            rows, harmless, cfg_r = residual_inputs(name)
+            rows, harmless, cfgs_r = residual_inputs(name)
             t0 = time.perf_counter()
-            res = fit_residual(model, tok, rows, harmless, cfg_r)
+            res = (fit_residual(model, tok, rows, harmless, cfgs_r[0]) if len(cfgs_r) == 1
+                   else fit_residual_layers(model, tok, rows, harmless, cfgs_r))
         else:
             over.pop("method", None)
             over.setdefault("layers", [args.swe_layer])

@@ -61,16 +61,18 @@ def _cmd_fit(args: argparse.Namespace) -> int:
         given = given_flags(args, RESIDUAL_ONLY_OPTIONS)
         if given:
             raise SystemExit(f"{', '.join(given)}: option(s) of --method residual, not {args.method}")
-    residual = _residual_config(args, low) if args.method == "residual" else None
-    hold = list(residual.hold_langs) if residual is not None else []
+    residual = _residual_configs(args, low) if args.method == "residual" else None
+    hold = list(residual[0].hold_langs) if residual is not None else []
     harmful = _load_split(args.harmful, [args.anchor_lang, *low, *hold], args.split, args.limit, "harmful")
     harmless = _load_split(args.harmless, csv_list(args.harmless_langs) if args.harmless_langs else None,
                            args.split, args.limit, "harmless")
     model, tok = load_model(args.model)
     if residual is not None:
-        from edit_runtime.residual_fit import fit_residual
+        from edit_runtime.residual_fit import fit_residual, fit_residual_layers
 
-        result = fit_residual(model, tok, harmful, harmless, residual)
+        # several layers compose: each is fitted with the earlier layers' edits on
+        result = (fit_residual(model, tok, harmful, harmless, residual[0]) if len(residual) == 1
+                  else fit_residual_layers(model, tok, harmful, harmless, residual))
     else:
         heldout = (_load_split(args.harmful, [args.anchor_lang, *low], "validation", args.limit, "harmful")
                    if args.heldout else None)
@@ -106,14 +108,17 @@ def _lang_weights(text: str | None) -> dict[str, float]:
     return out
 
 
-def _residual_config(args: argparse.Namespace, low: list[str]):
-    """``ResidualFitConfig`` from the fit options; exits on the ones the residual recipe has not."""
+def _residual_configs(args: argparse.Namespace, low: list[str]) -> list:
+    """One ``ResidualFitConfig`` per ``--layer`` from the fit options; exits on the ones the
+    residual recipe has not."""
     from edit_runtime.residual_fit import ResidualFitConfig
 
     if args.lam is not None:
         raise SystemExit("--method residual takes --lambda-rel (relative ridge), not --lambda")
-    if len(args.layer) != 1:
-        raise SystemExit(f"--method residual edits one layer; got --layer {','.join(map(str, args.layer))}")
+    if len(set(args.layer)) != len(args.layer):
+        raise SystemExit(f"--layer {','.join(map(str, args.layer))} repeats a layer")
+    if args.mode != "joint":
+        raise SystemExit("--mode separate ranks SWE's layers; --method residual composes every --layer")
     if args.heldout:
         raise SystemExit("--heldout reports SWE's held-out gap; --method residual has none (evaluate the "
                          "delta with edit-runtime eval instead)")
@@ -123,13 +128,14 @@ def _residual_config(args: argparse.Namespace, low: list[str]):
                                            ("hold_weight", args.hold_weight),
                                            ("harmless_target", args.harmless_target)) if value is not None}
     try:
-        return ResidualFitConfig(layer=args.layer[0], low_langs=low, anchor_lang=args.anchor_lang, rank=args.rank,
-                                 gamma=args.gamma, **given,
-                                 harmless_lang_weights=_lang_weights(args.harmless_lang_weights),
-                                 hold_langs=csv_list(args.hold_langs) if args.hold_langs else [],
-                                 lam_rel=1e-2 if args.lam_rel is None else args.lam_rel,
-                                 system_prompt=args.system_prompt, batch_size=args.batch_size,
-                                 cache_dir=args.cache_dir)
+        return [ResidualFitConfig(layer=layer, low_langs=low, anchor_lang=args.anchor_lang, rank=args.rank,
+                                  gamma=args.gamma, **given,
+                                  harmless_lang_weights=_lang_weights(args.harmless_lang_weights),
+                                  hold_langs=csv_list(args.hold_langs) if args.hold_langs else [],
+                                  lam_rel=1e-2 if args.lam_rel is None else args.lam_rel,
+                                  system_prompt=args.system_prompt, batch_size=args.batch_size,
+                                  cache_dir=args.cache_dir)
+                for layer in args.layer]
     except ValueError as e:
         raise SystemExit(f"edit-runtime fit --method residual: {e}") from None
 

@@ -39,6 +39,7 @@ import hashlib
 import json
 import logging
 import time
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
@@ -49,16 +50,17 @@ from torch import nn
 import edit_runtime
 from edit_runtime.arch import find_decoder_layers, find_mlp
 from edit_runtime.capture import (_input_device, _make_batch, _pad_id, _StopForward, encode_prompts,
-                                  model_fingerprint)
+                                  model_fingerprint, patch_fingerprint)
 from edit_runtime.data import Prompt, dataset_hash
 from edit_runtime.delta import ModuleEdit, SparseDelta, compute_fingerprint
 from edit_runtime.fit import FitResult, LayerReport
+from edit_runtime.patch import patch_model
 from edit_runtime.solver import solve
 
 log = logging.getLogger(__name__)
 
 __all__ = ["ResidualFitConfig", "ResidualStats", "collect_residual_stats", "collect_residual_stats_layers",
-           "prefetch_residual_stats", "residual_problem", "fit_residual"]
+           "prefetch_residual_stats", "residual_problem", "fit_residual", "fit_residual_layers"]
 
 _STATS_FORMAT = "edit_runtime.residual_stats/1"
 HARMLESS_TARGETS = ("anchor", "self")
@@ -324,6 +326,9 @@ def _cache_path(model: nn.Module, prompts: Sequence[Prompt], token_ids: Sequence
     meta = {"model": model_fingerprint(model), "layer": cfg.layer,
             "prompts_sha256": hashlib.sha256(ordered.encode("utf-8")).hexdigest(),
             "token_ids_sha256": hashlib.sha256(ids.encode()).hexdigest(), "system_prompt": cfg.system_prompt}
+    patched = patch_fingerprint(model)
+    if patched is not None:                    # statistics read under earlier layers' edits (composed fits)
+        meta["patches"] = patched
     key = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:16]
     return Path(cfg.cache_dir) / f"residual_L{cfg.layer}_{key}.safetensors", meta
 
@@ -440,3 +445,53 @@ def fit_residual(model: nn.Module, tokenizer: Any, harmful: Sequence[Prompt], ha
     }
     delta = SparseDelta(edits=[edit], metadata=metadata, fingerprint=compute_fingerprint(model, [info.down]))
     return FitResult(delta=delta, layers=[report], neurons={info.layer: edit.neurons}, seconds=seconds)
+
+
+def fit_residual_layers(model: nn.Module, tokenizer: Any, harmful: Sequence[Prompt], harmless: Sequence[Prompt],
+                        cfgs: Sequence[ResidualFitConfig], *, progress: bool = True) -> FitResult:
+    """Several layers composed into one delta: the layers are fitted in increasing order, each
+    with the earlier layers' edits applied (patched), so its inputs and targets are those of the
+    edited model and it closes what the earlier edits left of the gap. English last tokens are in
+    every layer's keep set, so the English targets barely move under the earlier edits.
+
+    Args:
+        cfgs: one :class:`ResidualFitConfig` per layer (distinct layers; any order). A statistics
+            cache of a later layer is keyed by the earlier edits too.
+
+    Returns one :class:`FitResult` whose delta edits every layer's ``down_proj``; the model is
+    left unpatched.
+    """
+    if not cfgs:
+        raise ValueError("fit_residual_layers: no layer configs given")
+    layers = [find_mlp(model, c.layer).layer for c in cfgs]
+    if len(set(layers)) != len(layers):
+        raise ValueError(f"fit_residual_layers: layers {layers} repeat a layer")
+    order = sorted(range(len(cfgs)), key=lambda i: layers[i])
+    results: list[FitResult] = []
+    t0 = time.perf_counter()
+    with ExitStack() as stack:
+        for i in order:
+            res = fit_residual(model, tokenizer, harmful, harmless, cfgs[i], progress=progress)
+            results.append(res)
+            if len(results) < len(cfgs):
+                stack.enter_context(patch_model(model, res.delta))   # the next layer sees this edit
+    edits = [e for r in results for e in r.delta.edits]
+    metas = [r.delta.metadata for r in results]
+    seconds = {f"layer {m['layers'][0]}": m["seconds"]["total"] for m in metas}
+    seconds["total"] = time.perf_counter() - t0
+    metadata = {
+        "method": "residual-closed-form",
+        "edit_runtime_version": edit_runtime.__version__,
+        "layers": [m["layers"][0] for m in metas],
+        "composed": True,
+        "config": metas[0]["config"] if len(metas) == 1 else {"layers": [m["config"] for m in metas]},
+        "languages": metas[0]["languages"],
+        "data": metas[0]["data"],
+        "reports": [rep for m in metas for rep in m["reports"]],
+        "seconds": seconds,
+    }
+    delta = SparseDelta(edits=edits, metadata=metadata,
+                        fingerprint=compute_fingerprint(model, [e.module for e in edits]))
+    reports = [rep for r in results for rep in r.layers]
+    neurons = {k: v for r in results for k, v in r.neurons.items()}
+    return FitResult(delta=delta, layers=reports, neurons=neurons, seconds=seconds)

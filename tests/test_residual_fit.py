@@ -20,6 +20,7 @@ from edit_runtime.residual_fit import (
     collect_residual_stats,
     collect_residual_stats_layers,
     fit_residual,
+    fit_residual_layers,
     prefetch_residual_stats,
     residual_problem,
 )
@@ -235,6 +236,38 @@ def test_prefetch_fills_the_cache_the_fits_read(smollm2, tmp_path, monkeypatch):
         prefetch_residual_stats(model, tok, harm, safe, [dataclasses.replace(cfgs[0], cache_dir=None)])
 
 
+def test_composed_layers_fit_each_layer_on_the_edited_model(smollm2, tmp_path):
+    """Layer B of a composed fit is the single-layer fit of B on the model with A's edit on; A's
+    is the single-layer fit of A; the model is left unpatched and B's cache is keyed by A's edit."""
+    model, tok = smollm2
+    harm, safe = _prompts(2)
+    a, b = (ResidualFitConfig(layer=l, low_langs=["zh", "vi"], rank=4, cache_dir=str(tmp_path))
+            for l in (LAYER - 2, LAYER))
+    before = {n: t.detach().clone() for n, t in model.state_dict().items()}
+    res = fit_residual_layers(model, tok, harm, safe, [b, a], progress=False)   # any order: fitted by layer
+    assert not patched_modules(model)
+    assert all(torch.equal(t, before[n]) for n, t in model.state_dict().items())
+    assert res.delta.metadata["layers"] == [LAYER - 2, LAYER] and res.delta.metadata["composed"]
+    ea, eb = res.delta.edits
+    assert (ea.module, eb.module) == (find_mlp(model, LAYER - 2).down, find_mlp(model, LAYER).down)
+    alone_a = fit_residual(model, tok, harm, safe, dataclasses.replace(a, cache_dir=None), progress=False)
+    torch.testing.assert_close(ea.U, alone_a.delta.edits[0].U, rtol=1e-4, atol=1e-6)
+    with patch_model(model, alone_a.delta):
+        on_a = fit_residual(model, tok, harm, safe, dataclasses.replace(b, cache_dir=None), progress=False)
+    torch.testing.assert_close(_delta_w(SparseDelta(edits=[eb])), _delta_w(on_a.delta), rtol=1e-3, atol=1e-6)
+    alone_b = fit_residual(model, tok, harm, safe, dataclasses.replace(b, cache_dir=None), progress=False)
+    assert float((_delta_w(alone_b.delta) - _delta_w(on_a.delta)).norm()) > 1e-3 * float(_delta_w(on_a.delta).norm())
+    assert len(list(tmp_path.glob(f"residual_L{LAYER}_*.safetensors"))) == 1
+    fit_residual(model, tok, harm, safe, b, progress=False)        # unedited model: another key
+    assert len(list(tmp_path.glob(f"residual_L{LAYER}_*.safetensors"))) == 2
+    with patch_model(model, res.delta):                            # the composed delta applies as one
+        assert len(patched_modules(model)) == 2
+    with pytest.raises(ValueError, match="repeat a layer"):
+        fit_residual_layers(model, tok, harm, safe, [a, a], progress=False)
+    with pytest.raises(ValueError, match="no layer configs"):
+        fit_residual_layers(model, tok, harm, safe, [], progress=False)
+
+
 def test_bad_input_is_refused_and_the_model_is_untouched(smollm2):
     model, tok = smollm2
     harm, safe = _prompts(2)
@@ -289,11 +322,16 @@ def test_cli_fit_method_residual(smollm2, tmp_path, capsys):
     with patch_model(model, delta) as handle:
         assert handle is not None and patched_modules(model)
     assert "gap closed train" in capsys.readouterr().out
-    with pytest.raises(SystemExit):
-        cli_main(["fit", "--model", "smollm2-135m-instruct", "--method", "residual", "--harmful",
-                  "builtin:harmful", "--harmful-langs", "zh", "--harmless", "builtin:harmless",
-                  "--layer", "14,15", "-o", str(tmp_path / "two.safetensors")])
+    # several layers compose into one delta
+    two = tmp_path / "two.safetensors"
+    assert cli_main(["fit", "--model", "smollm2-135m-instruct", "--method", "residual", "--harmful",
+                     "builtin:harmful", "--harmful-langs", "zh", "--harmless", "builtin:harmless", "--limit", "2",
+                     "--rank", "4", "--layer", "15,14", "-o", str(two)]) == 0
+    composed = SparseDelta.load(two)
+    assert composed.metadata["layers"] == [14, 15] and len(composed.edits) == 2
+    assert [c["layer"] for c in composed.metadata["config"]["layers"]] == [14, 15]
     for bad, message in ((["--heldout"], "--heldout"), (["--hold-langs", "zh"], "both low_langs and hold_langs"),
+                         (["--layer", "15,15"], "repeats a layer"), (["--mode", "separate"], "--mode separate"),
                          (["--harmless-lang-weights", "zh:3"], "is not LANG=WEIGHT"),
                          (["--harmless-lang-weights", "zh=-1"], "must be >= 0"),
                          (["--method", "swe", "--hold-langs", "vi"], "option\\(s\\) of --method residual"),
