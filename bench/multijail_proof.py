@@ -13,7 +13,9 @@ under ``-o``, so a rerun skips what is done):
    last prompt token, the English z ∪ d neurons, ``up_proj`` rows, rank 16, γ 1, scale-aware λ.
 3. **The sweep**, judged on the validation split only (``--val-limit`` ids per language, every
    MultiJail language): layer, several layers composed, rank, γ, λ, target rows, neuron-set size,
-   token statistics, and the residual recipe (:mod:`edit_runtime.residual_fit`, rows ``R*``).
+   token statistics, and the residual recipe (:mod:`edit_runtime.residual_fit`, rows ``R*``: its
+   options, its layer, two layers composed as ``R20+22-*``). The residual rows still to fit read
+   their (first) layer's statistics in one forward pass for all of them.
    Over-refusal is measured on the built-in harmless validation prompts. The best configuration
    is the one with the lowest mean non-English attack success rate among those whose English
    refusal rate is not below the base model's and whose over-refusal is at most
