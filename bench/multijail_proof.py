@@ -42,11 +42,11 @@ from pathlib import Path
 import torch
 
 from edit_runtime import SparseDelta
-from edit_runtime.data import load_prompts
+from edit_runtime.data import dataset_hash, load_prompts
 from edit_runtime.evaluate import UtilityOptions, evaluate
 from edit_runtime.fit import FitConfig, fit
 from edit_runtime.models import load_model
-from edit_runtime.residual_fit import ResidualFitConfig, fit_residual, fit_residual_layers, prefetch_residual_stats
+from edit_runtime.residual_fit import ResidualFitConfig, fit_residual_layers, prefetch_residual_stats
 
 MODEL = "qwen2.5-coder-0.5b-instruct"
 FIT_LANGS = "zh,vi,ar,ko,th,bn,sw,jv"
@@ -226,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
         by_rows: dict[tuple, tuple[list, list, list]] = {}
         for n in todo:
             rows, harmless, cfgs_r = residual_inputs(n)
-            key = (tuple(SWEEP[n][0].get("extra_fit_langs", [])), SWEEP[n][0].get("harmless_extra"))
+            key = (dataset_hash(rows), dataset_hash(harmless))
             by_rows.setdefault(key, (rows, harmless, []))[2].append(min(cfgs_r, key=lambda c: c.layer))
         for rows, harmless, cfgs in by_rows.values():
             t0 = time.perf_counter()
@@ -242,8 +242,7 @@ def main(argv: list[str] | None = None) -> int:
         if over.get("method") == "residual":
             rows, harmless, cfgs_r = residual_inputs(name)
             t0 = time.perf_counter()
-            res = (fit_residual(model, tok, rows, harmless, cfgs_r[0]) if len(cfgs_r) == 1
-                   else fit_residual_layers(model, tok, rows, harmless, cfgs_r))
+            res = fit_residual_layers(model, tok, rows, harmless, cfgs_r)
         else:
             over.pop("method", None)
             over.setdefault("layers", [args.swe_layer])

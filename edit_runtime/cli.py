@@ -68,11 +68,10 @@ def _cmd_fit(args: argparse.Namespace) -> int:
                            args.split, args.limit, "harmless")
     model, tok = load_model(args.model)
     if residual is not None:
-        from edit_runtime.residual_fit import fit_residual, fit_residual_layers
+        from edit_runtime.residual_fit import fit_residual_layers
 
         # several layers compose: each is fitted with the earlier layers' edits on
-        result = (fit_residual(model, tok, harmful, harmless, residual[0]) if len(residual) == 1
-                  else fit_residual_layers(model, tok, harmful, harmless, residual))
+        result = fit_residual_layers(model, tok, harmful, harmless, residual)
     else:
         heldout = (_load_split(args.harmful, [args.anchor_lang, *low], "validation", args.limit, "harmful")
                    if args.heldout else None)

@@ -361,6 +361,7 @@ def prefetch_residual_stats(model: nn.Module, tokenizer: Any, harmful: Sequence[
     """
     groups: dict[tuple, dict[int, tuple[Path, dict]]] = {}
     encoded: dict[tuple, tuple[list[Prompt], list]] = {}
+    batch: dict[tuple, int] = {}
     for cfg in cfgs:
         if not cfg.cache_dir:
             raise ValueError(f"prefetch_residual_stats: the config of layer {cfg.layer} has no cache_dir")
@@ -373,12 +374,12 @@ def prefetch_residual_stats(model: nn.Module, tokenizer: Any, harmful: Sequence[
         path, meta = _cache_path(model, prompts, encoded[key][1], cfg)
         if not path.exists():
             groups.setdefault(key, {})[find_mlp(model, cfg.layer).layer] = (path, meta)
+            batch[key] = min(batch.get(key, cfg.batch_size), cfg.batch_size)
     written = []
     for key, todo in groups.items():
         prompts, seqs = encoded[key]
         stats = collect_residual_stats_layers(model, tokenizer, prompts, sorted(todo), system_prompt=key[1],
-                                              progress=progress, token_ids=seqs,
-                                              batch_size=min(c.batch_size for c in cfgs))
+                                              progress=progress, token_ids=seqs, batch_size=batch[key])
         for layer, (path, meta) in todo.items():
             written.append(stats[layer].save(path, meta))
     return written
@@ -459,10 +460,12 @@ def fit_residual_layers(model: nn.Module, tokenizer: Any, harmful: Sequence[Prom
             cache of a later layer is keyed by the earlier edits too.
 
     Returns one :class:`FitResult` whose delta edits every layer's ``down_proj``; the model is
-    left unpatched.
+    left unpatched. One config is :func:`fit_residual`'s fit, returned as it is.
     """
     if not cfgs:
         raise ValueError("fit_residual_layers: no layer configs given")
+    if len(cfgs) == 1:
+        return fit_residual(model, tokenizer, harmful, harmless, cfgs[0], progress=progress)
     layers = [find_mlp(model, c.layer).layer for c in cfgs]
     if len(set(layers)) != len(layers):
         raise ValueError(f"fit_residual_layers: layers {layers} repeat a layer")
@@ -484,7 +487,7 @@ def fit_residual_layers(model: nn.Module, tokenizer: Any, harmful: Sequence[Prom
         "edit_runtime_version": edit_runtime.__version__,
         "layers": [m["layers"][0] for m in metas],
         "composed": True,
-        "config": metas[0]["config"] if len(metas) == 1 else {"layers": [m["config"] for m in metas]},
+        "config": {"layers": [m["config"] for m in metas]},
         "languages": metas[0]["languages"],
         "data": metas[0]["data"],
         "reports": [rep for m in metas for rep in m["reports"]],
