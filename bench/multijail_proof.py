@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import logging
 import statistics
@@ -46,7 +47,8 @@ from edit_runtime.data import dataset_hash, load_prompts
 from edit_runtime.evaluate import UtilityOptions, evaluate
 from edit_runtime.fit import FitConfig, fit
 from edit_runtime.models import load_model
-from edit_runtime.residual_fit import ResidualFitConfig, fit_residual_layers, prefetch_residual_stats
+from edit_runtime.residual_fit import (ResidualFitConfig, anchor_refused_ids, fit_residual_layers,
+                                      prefetch_residual_stats)
 
 MODEL = "qwen2.5-coder-0.5b-instruct"
 FIT_LANGS = "zh,vi,ar,ko,th,bn,sw,jv"
@@ -116,6 +118,16 @@ SWEEP: dict[str, tuple[dict, str]] = {
                                       "hold_weight": 16.0, "harmless_lang_weights": {"th": 16.0, "ar": 16.0}},
                                      f"R20-hold-h16-thar16's options at layers {a} and {b}, composed")
        for a, b in ((18, 20), (19, 21), (20, 22), (18, 21))},
+    # the solver's knobs around R20-hold-h16-thar16: rank, keep weight γ, ridge λ
+    **{f"R20-hold-h16-thar16-{tag}": ({"method": "residual", "layer": 20, "hold_langs": ["bn", "sw"],
+                                       "hold_weight": 16.0, "harmless_lang_weights": {"th": 16.0, "ar": 16.0},
+                                       **over}, f"R20-hold-h16-thar16, {what}")
+       for tag, over, what in (("r32", {"rank": 32}, "rank 32"), ("r64", {"rank": 64}, "rank 64"),
+                               ("g4", {"gamma": 4.0}, "keep-term weight γ 4"),
+                               ("g025", {"gamma": 0.25}, "keep-term weight γ 0.25"),
+                               ("lam10x", {"lam_rel": 0.1}, "ridge λ_rel 0.1 (10× the default)"),
+                               ("enref", {"hold_anchor_refused": True},
+                                "the harmless ids English refuses held in place, not mapped"))},
 }
 DEFAULT_SWEEP = [name for name, (over, _) in SWEEP.items() if "method" not in over] + [
     "R20", "R20-w1", "R20-hold-h16", "R20-hold-ar-h16"]
@@ -202,6 +214,12 @@ def main(argv: list[str] | None = None) -> int:
 
     warmed: set[tuple[str, str]] = set()
 
+    @functools.cache
+    def english_refused_ids() -> list[str]:
+        """The harmless train ids the unedited model refuses in English (replies cached)."""
+        return anchor_refused_ids(model, tok, harmless_train, batch_size=args.batch_size,
+                                  responses_path=out / "harmless_train_en_base.jsonl")
+
     def residual_inputs(name: str) -> tuple[list, list, list[ResidualFitConfig]]:
         """The harmful rows, harmless rows and configs (one per layer, composed) of a residual row."""
         over = dict(SWEEP[name][0])
@@ -211,6 +229,8 @@ def main(argv: list[str] | None = None) -> int:
         if over.pop("harmless_extra", None) == "mgsm":
             # parallel harmless questions of the train split (MGSM is scored on its test split)
             harmless += load_prompts("mgsm", langs=["en", "zh", "th", "bn", "sw"], split="train", label="harmless")
+        if over.pop("hold_anchor_refused", False):
+            over["harmless_hold_ids"] = english_refused_ids()
         hold = over.get("hold_langs", [])
         extra = over.pop("extra_fit_langs", [])  # languages this row fits beyond --fit-langs
         rows = train + (load_prompts("multijail", langs=extra, split="train", label="harmful") if extra else [])

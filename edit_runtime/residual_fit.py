@@ -27,7 +27,9 @@ not pushed towards a refusal (``harmless_target="self"`` holds them in place ins
 ranges over the last tokens, harmful and harmless, of the ``hold_langs`` (weight ``w_hold``,
 ``hold_weight``): languages the model barely reads (Qwen parrots Bengali and Swahili prompts
 back, harmful or not), where an edit learned from the other languages would otherwise turn
-harmless requests into refusals too.
+harmless requests into refusals too. ``harmless_hold_ids`` holds chosen harmless ids in place in
+every language instead: the ones the anchor itself refuses (:func:`anchor_refused_ids`), whose
+English residual is a refusal.
 :func:`edit_runtime.solver.solve` gives the minimiser (``A = Σ h hᵀ`` over i, w·j and w_hold·l,
 ``C`` the keep set, ``B = Σ h Dᵀ`` over i and w·j: held rows have target 0). The edit is
 ``weight += U V`` on every row of ``down_proj`` (``U = right.T (d_model, r)``,
@@ -60,7 +62,8 @@ from edit_runtime.solver import solve
 log = logging.getLogger(__name__)
 
 __all__ = ["ResidualFitConfig", "ResidualStats", "collect_residual_stats", "collect_residual_stats_layers",
-           "prefetch_residual_stats", "residual_problem", "fit_residual", "fit_residual_layers"]
+           "prefetch_residual_stats", "residual_problem", "anchor_refused_ids", "fit_residual",
+           "fit_residual_layers"]
 
 _STATS_FORMAT = "edit_runtime.residual_stats/1"
 HARMLESS_TARGETS = ("anchor", "self")
@@ -92,6 +95,10 @@ class ResidualFitConfig:
     harmless_target: str = field(
         default="anchor", metadata={"help": "where harmless non-anchor last tokens go: 'anchor' (their English "
                                             "version's residual) or 'self' (unchanged, target 0)"})
+    harmless_hold_ids: Sequence[str] = field(
+        default_factory=list, metadata={"help": "harmless ids held in place (target 0) in every language instead of "
+                                                "mapped onto the anchor: the ones the anchor itself refuses "
+                                                "(anchor_refused_ids), whose anchor residual would teach a refusal"})
     lam_rel: float = field(default=1e-2, metadata={"help": "ridge relative to the mean eigenvalue of A + γC"})
     system_prompt: str | None = field(default=None, metadata={"help": "system prompt for the chat template"})
     batch_size: int = field(default=8, metadata={"help": "prompts per forward"})
@@ -101,6 +108,9 @@ class ResidualFitConfig:
         self.layer = int(self.layer)
         self.low_langs = [str(l) for l in self.low_langs]
         self.hold_langs = [str(l) for l in self.hold_langs]
+        if isinstance(self.harmless_hold_ids, str):
+            raise TypeError("harmless_hold_ids must be a list of ids, not one string")
+        self.harmless_hold_ids = sorted({str(i) for i in self.harmless_hold_ids})
         if not self.low_langs:
             raise ValueError("ResidualFitConfig.low_langs is empty: give the languages to fix")
         if self.anchor_lang in self.low_langs or self.anchor_lang in self.hold_langs:
@@ -274,13 +284,14 @@ def residual_problem(stats: ResidualStats, cfg: ResidualFitConfig) -> dict[str, 
     row = {k: i for i, k in enumerate(stats.keys)}
     harm, safe, anchor = [], [], []
     held_lang, held_harmless = [], []                              # target: no change
+    held_ids = set(cfg.harmless_hold_ids)
     for i, (pid, lang, label) in enumerate(stats.keys):
         target = row.get((pid, cfg.anchor_lang, label))
         if lang == cfg.anchor_lang:
             anchor.append(i)
         elif lang in cfg.hold_langs:
             held_lang.append(i)
-        elif label == "harmless" and cfg.harmless_target == "self":
+        elif label == "harmless" and (cfg.harmless_target == "self" or pid in held_ids):
             held_harmless.append(i)
         elif target is None:
             continue
@@ -344,6 +355,9 @@ def _fit_prompts(harmful: Sequence[Prompt], harmless: Sequence[Prompt],
     unheld = set(cfg.hold_langs) - {p.lang for p in [*harmful, *harmless]}
     if unheld:
         raise ValueError(f"hold_langs {sorted(unheld)} have no prompts, harmful or harmless: nothing to hold")
+    unknown = set(cfg.harmless_hold_ids) - {p.id for p in harmless}
+    if unknown:
+        raise ValueError(f"harmless_hold_ids {sorted(unknown)[:5]} ({len(unknown)} in all) match no harmless prompt")
     # the label is part of each row's key: a harmful and a harmless prompt may share an id
     harmful = [p if p.label == "harmful" else replace(p, label="harmful") for p in harmful]
     harmless = [p if p.label == "harmless" else replace(p, label="harmless") for p in harmless]
@@ -383,6 +397,33 @@ def prefetch_residual_stats(model: nn.Module, tokenizer: Any, harmful: Sequence[
         for layer, (path, meta) in todo.items():
             written.append(stats[layer].save(path, meta))
     return written
+
+
+def anchor_refused_ids(model: nn.Module, tokenizer: Any, harmless: Sequence[Prompt], *, anchor_lang: str = "en",
+                       judge: Any = None, batch_size: int = 8, progress: bool = True,
+                       responses_path: str | Path | None = None) -> list[str]:
+    """Ids of the harmless prompts whose ``anchor_lang`` version the model refuses (greedy chat
+    reply, ``judge``: default :class:`~edit_runtime.judge.KeywordJudge`), for
+    :attr:`ResidualFitConfig.harmless_hold_ids`.
+
+    Why: a harmless row's target is its anchor version's residual. Where the anchor refuses a
+    harmless request ("How do I kill the weeds in my lawn?"), that target is a refusal, and mapping
+    the other languages onto it teaches the anchor's over-refusal. Call it on the unedited model.
+    ``responses_path``: a resumable JSONL of the replies (:func:`edit_runtime.utility.over_refusal`).
+    """
+    from edit_runtime.utility import over_refusal
+
+    prompts = [p for p in harmless if p.lang == anchor_lang]
+    if not prompts:
+        raise ValueError(f"no harmless prompt in the anchor language {anchor_lang!r} "
+                         f"(have {sorted({p.lang for p in harmless})})")
+    if patch_fingerprint(model) is not None:
+        log.warning("anchor_refused_ids: the model is patched; the ids are those the edited model refuses")
+    stats = over_refusal(model, tokenizer, prompts, judge=judge, batch_size=batch_size, progress=progress,
+                         details=True, responses_path=responses_path)
+    ids = sorted({it["id"] for it in stats[anchor_lang]["items"] if it["label"] == "refusal"})
+    log.info("the model refuses %d of %d harmless %s prompts: %s", len(ids), len(prompts), anchor_lang, ids)
+    return ids
 
 
 def fit_residual(model: nn.Module, tokenizer: Any, harmful: Sequence[Prompt], harmless: Sequence[Prompt],

@@ -17,6 +17,7 @@ from edit_runtime.patch import patched_modules
 from edit_runtime.residual_fit import (
     ResidualFitConfig,
     ResidualStats,
+    anchor_refused_ids,
     collect_residual_stats,
     collect_residual_stats_layers,
     fit_residual,
@@ -87,14 +88,18 @@ def test_statistics_match_an_unbatched_reference(smollm2):
     {"hold_langs": ["vi"], "hold_weight": 5.0},
     {"harmless_target": "self"},
     {"harmless_lang_weights": {"vi": 7.0}},
-], ids=["map-harmless-to-english", "hold-vi", "harmless-self", "harmless-weight-per-language"])
+    {"harmless_hold_ids": "first two harmless ids"},
+], ids=["map-harmless-to-english", "hold-vi", "harmless-self", "harmless-weight-per-language",
+        "harmless-ids-held"])
 def test_full_rank_solve_is_the_dense_ridge_solution(smollm2, variant):
     """At full rank the solver's ΔW is (A + γC + λI)⁻¹B with A, B, C built here row by row:
     mapped rows add to A and B, held rows (a held language, or harmless rows with target
-    'self') only to A, English last tokens to C."""
+    'self' or an id of harmless_hold_ids) only to A, English last tokens to C."""
     model, tok = smollm2
     harm, safe = _prompts()
     info = find_mlp(model, LAYER)
+    if "harmless_hold_ids" in variant:
+        variant = {"harmless_hold_ids": sorted({p.id for p in safe})[:2]}
     low = [l for l in ("zh", "vi") if l not in variant.get("hold_langs", [])]
     cfg = ResidualFitConfig(layer=LAYER, low_langs=low, rank=info.d_model, gamma=2.0, harmless_weight=3.0,
                             **variant)
@@ -117,7 +122,7 @@ def test_full_rank_solve_is_the_dense_ridge_solution(smollm2, variant):
             C += hh
         elif p.lang in cfg.hold_langs:
             A += cfg.hold_weight * hh
-        elif p.label == "harmless" and cfg.harmless_target == "self":
+        elif p.label == "harmless" and (cfg.harmless_target == "self" or p.id in cfg.harmless_hold_ids):
             A += cfg.harmless_lang_weights.get(p.lang, cfg.harmless_weight) * hh
         elif en is not None:
             w = 1.0 if p.label == "harmful" else cfg.harmless_lang_weights.get(p.lang, cfg.harmless_weight)
@@ -268,6 +273,39 @@ def test_composed_layers_fit_each_layer_on_the_edited_model(smollm2, tmp_path):
         fit_residual_layers(model, tok, harm, safe, [], progress=False)
 
 
+class _RefusesSome:
+    """A judge that calls the replies to chosen prompt texts refusals (SmolLM2 never refuses)."""
+
+    def __init__(self, refused_texts):
+        self.refused, self.seen = set(refused_texts), []
+
+    def min_new_tokens_for(self, lang):
+        return 4
+
+    def judge_batch(self, prompts, responses, langs):
+        from edit_runtime.judge import Verdict
+
+        self.seen += list(zip(prompts, langs))
+        return [Verdict("refusal", "refusal_phrase") if p in self.refused else Verdict("compliance", "no_refusal")
+                for p in prompts]
+
+
+def test_anchor_refused_ids_reads_the_anchor_replies_only(smollm2, tmp_path):
+    model, tok = smollm2
+    _, safe = _prompts(3)
+    en = [p for p in safe if p.lang == "en"]
+    judge = _RefusesSome([en[1].text])
+    weight = model.get_submodule(find_mlp(model, LAYER).down).weight.detach().clone()
+    path = tmp_path / "en.jsonl"
+    assert anchor_refused_ids(model, tok, safe, judge=judge, progress=False, responses_path=path) == [en[1].id]
+    assert sorted(judge.seen) == sorted((p.text, "en") for p in en)        # only English replies judged
+    assert len(path.read_text().splitlines()) == len(en)                     # and cached
+    assert anchor_refused_ids(model, tok, safe, anchor_lang="zh", judge=_RefusesSome([]), progress=False) == []
+    with pytest.raises(ValueError, match="no harmless prompt in the anchor language 'ko'"):
+        anchor_refused_ids(model, tok, safe, anchor_lang="ko", judge=judge, progress=False)
+    assert torch.equal(model.get_submodule(find_mlp(model, LAYER).down).weight, weight)
+
+
 def test_bad_input_is_refused_and_the_model_is_untouched(smollm2):
     model, tok = smollm2
     harm, safe = _prompts(2)
@@ -293,6 +331,11 @@ def test_bad_input_is_refused_and_the_model_is_untouched(smollm2):
     with pytest.raises(ValueError, match=r"hold_langs \['ko'\] have no prompts"):
         fit_residual(model, tok, harm, safe, ResidualFitConfig(layer=LAYER, low_langs=["zh"], hold_langs=["ko"]),
                      progress=False)
+    with pytest.raises(TypeError, match="not one string"):
+        ResidualFitConfig(layer=LAYER, low_langs=["zh"], harmless_hold_ids="b001")
+    with pytest.raises(ValueError, match=r"harmless_hold_ids \['nope'\] \(1 in all\) match no harmless prompt"):
+        fit_residual(model, tok, harm, safe, ResidualFitConfig(layer=LAYER, low_langs=["zh"],
+                                                               harmless_hold_ids=["nope"]), progress=False)
     shifted = [p.__class__(**{**p.__dict__, "id": p.id + "-x"}) if p.lang == "zh" else p for p in harm]
     with pytest.raises(ValueError, match="parallel prompts"):
         fit_residual(model, tok, shifted, safe, ResidualFitConfig(layer=LAYER, low_langs=["zh"]), progress=False)
