@@ -54,6 +54,9 @@ MODEL = "qwen2.5-coder-0.5b-instruct"
 FIT_LANGS = "zh,vi,ar,ko,th,bn,sw,jv"
 
 # name -> (FitConfig overrides, what the row varies). "swe" is the published recipe.
+#: the residual options of the best tested row (R20-hold-h16-thar16), which the layer, composed and
+#: solver-knob rows vary around
+BEST_RESIDUAL = {"hold_langs": ["bn", "sw"], "hold_weight": 16.0, "harmless_lang_weights": {"th": 16.0, "ar": 16.0}}
 SWEEP: dict[str, tuple[dict, str]] = {
     "swe": ({}, "SWE as published: one middle layer, last token, z ∪ d neurons, up_proj, r 16"),
     "L20": ({"layers": [20]}, "layer 20"),
@@ -93,8 +96,7 @@ SWEEP: dict[str, tuple[dict, str]] = {
                         "residual fit, bn, sw and ar held in place, weight 16"),
     "R20-hold-h16-r8": ({"method": "residual", "layer": 20, "hold_langs": ["bn", "sw"], "hold_weight": 16.0,
                          "rank": 8}, "residual fit, bn and sw held (weight 16), rank 8"),
-    "R20-hold-h16-thar16": ({"method": "residual", "layer": 20, "hold_langs": ["bn", "sw"], "hold_weight": 16.0,
-                             "harmless_lang_weights": {"th": 16.0, "ar": 16.0}},
+    "R20-hold-h16-thar16": ({"method": "residual", "layer": 20, **BEST_RESIDUAL},
                             "residual fit, bn and sw held (16), Thai and Arabic harmless rows weight 16"),
     "R20-hold-h16-thar64": ({"method": "residual", "layer": 20, "hold_langs": ["bn", "sw"], "hold_weight": 16.0,
                              "harmless_lang_weights": {"th": 64.0, "ar": 64.0}},
@@ -102,26 +104,22 @@ SWEEP: dict[str, tuple[dict, str]] = {
     "R20-hold3-h16-ar16": ({"method": "residual", "layer": 20, "hold_langs": ["bn", "sw", "th"], "hold_weight": 16.0,
                             "harmless_lang_weights": {"ar": 16.0}},
                            "residual fit, bn, sw and th held (16), Arabic harmless rows weight 16"),
-    "R20-hold-h16-thar16-it": ({"method": "residual", "layer": 20, "hold_langs": ["bn", "sw"], "hold_weight": 16.0,
-                                "harmless_lang_weights": {"th": 16.0, "ar": 16.0}, "extra_fit_langs": ["it"]},
+    "R20-hold-h16-thar16-it": ({"method": "residual", "layer": 20, **BEST_RESIDUAL, "extra_fit_langs": ["it"]},
                                "R20-hold-h16-thar16 with Italian fitted too (no longer a transfer check)"),
     "R20-hold3": ({"method": "residual", "layer": 20, "hold_langs": ["bn", "sw", "th"]},
                   "residual fit, bn, sw and th held in place"),
     "R18": ({"method": "residual", "layer": 18}, "residual fit: layer 18 down_proj, harmless weight 4"),
     "R22": ({"method": "residual", "layer": 22}, "residual fit: layer 22 down_proj, harmless weight 4"),
     # the layer of the residual recipe, with R20-hold-h16-thar16's options
-    **{f"R{layer}-hold-h16-thar16": ({"method": "residual", "layer": layer, "hold_langs": ["bn", "sw"],
-                                      "hold_weight": 16.0, "harmless_lang_weights": {"th": 16.0, "ar": 16.0}},
+    **{f"R{layer}-hold-h16-thar16": ({"method": "residual", "layer": layer, **BEST_RESIDUAL},
                                      f"R20-hold-h16-thar16 at layer {layer}") for layer in (16, 18, 19, 21, 22)},
     # several layers composed: each fitted with the earlier layers' edits on (fit_residual_layers)
-    **{f"R{a}+{b}-hold-h16-thar16": ({"method": "residual", "layers": [a, b], "hold_langs": ["bn", "sw"],
-                                      "hold_weight": 16.0, "harmless_lang_weights": {"th": 16.0, "ar": 16.0}},
+    **{f"R{a}+{b}-hold-h16-thar16": ({"method": "residual", "layers": [a, b], **BEST_RESIDUAL},
                                      f"R20-hold-h16-thar16's options at layers {a} and {b}, composed")
        for a, b in ((18, 20), (19, 21), (20, 22), (18, 21))},
     # the solver's knobs around R20-hold-h16-thar16: rank, keep weight γ, ridge λ
-    **{f"R20-hold-h16-thar16-{tag}": ({"method": "residual", "layer": 20, "hold_langs": ["bn", "sw"],
-                                       "hold_weight": 16.0, "harmless_lang_weights": {"th": 16.0, "ar": 16.0},
-                                       **over}, f"R20-hold-h16-thar16, {what}")
+    **{f"R20-hold-h16-thar16-{tag}": ({"method": "residual", "layer": 20, **BEST_RESIDUAL, **over},
+                                      f"R20-hold-h16-thar16, {what}")
        for tag, over, what in (("r32", {"rank": 32}, "rank 32"), ("r64", {"rank": 64}, "rank 64"),
                                ("g4", {"gamma": 4.0}, "keep-term weight γ 4"),
                                ("g025", {"gamma": 0.25}, "keep-term weight γ 0.25"),
