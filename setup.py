@@ -24,10 +24,12 @@ import warnings
 from setuptools import setup
 
 PACKAGES = dict(
-    packages=["edit_runtime", "edit_runtime.commands", "edit_runtime.serve", "edit_runtime.kernels"],
+    # edit_runtime.prompts is a data folder (no __init__.py); listed so setuptools ships it as one
+    packages=["edit_runtime", "edit_runtime.commands", "edit_runtime.serve", "edit_runtime.kernels",
+              "edit_runtime.prompts"],
     package_dir={"edit_runtime": "edit_runtime", "edit_runtime.kernels": "kernels"},
     # The team's own prompt set ships with the package so the demo needs no outside data.
-    package_data={"edit_runtime": ["prompts/*.jsonl", "prompts/README.md"]},
+    package_data={"edit_runtime.prompts": ["*.jsonl", "README.md"]},
 )
 SOURCES = ["csrc/ext.cpp"]
 DEPENDS = ["csrc/lapack.h"]
