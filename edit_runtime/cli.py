@@ -10,7 +10,8 @@ import logging
 import sys
 from typing import Callable, Sequence
 
-from edit_runtime.commands.argtypes import RESIDUAL_ONLY_OPTIONS, csv_list, given_flags, int_list
+from edit_runtime.commands.argtypes import (RESIDUAL_ONLY_OPTIONS, csv_list, given_flags, int_list,
+                                          nonnegative_float)
 
 Command = Callable[[argparse.Namespace], int]
 
@@ -81,8 +82,10 @@ def _cmd_fit(args: argparse.Namespace) -> int:
                         z_threshold=args.z_threshold, d_threshold=args.d_threshold, mode=args.mode,
                         batch_size=args.batch_size, system_prompt=args.system_prompt, cache_dir=args.cache_dir)
         result = fit(model, tok, harmful, harmless, cfg, heldout=heldout)
-    path = result.delta.save(args.output)
-    print(f"wrote {path}: {result.delta}")
+    delta = result.delta if args.strength == 1.0 else result.delta.scaled(args.strength)
+    path = delta.save(args.output)
+    strength = "" if args.strength == 1.0 else f" at strength {args.strength:g}"
+    print(f"wrote {path}: {delta}{strength}")
     rows = "rows" if residual is not None else "|S|"  # the residual edit takes every row of down_proj
     for r in result.layers:
         held = "n/a" if r.gap_closed_heldout is None else f"{r.gap_closed_heldout:.3f}"
@@ -163,6 +166,8 @@ def _add_fit(sub: argparse._SubParsersAction) -> None:
                         "(where the base model does not comply: a pushed refusal there is over-refusal)")
     p.add_argument("--hold-weight", type=float, default=None, help="residual: weight of the held rows (default 1)")
     p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--strength", type=nonnegative_float, default=1.0,
+                   help="save the edit scaled: α·ΔW (0 = no edit, 1 = as fitted; SparseDelta.scaled)")
     p.add_argument("--gamma", type=float, default=1.0, help="weight of the harmless term")
     p.add_argument("--lambda", dest="lam", type=float, default=None, help="ridge (default: scale-aware)")
     p.add_argument("--lambda-rel", dest="lam_rel", type=float, default=None, help="ridge relative to trace/d")

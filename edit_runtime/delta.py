@@ -257,6 +257,30 @@ class SparseDelta:
     def to(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> "SparseDelta":
         return SparseDelta([e.to(dtype, device) for e in self.edits], dict(self.metadata), self.fingerprint)
 
+    def scaled(self, strength: float) -> "SparseDelta":
+        """A copy applied at ``strength`` (the edit's dial, like a LoRA's scaling).
+
+        Every low-rank term becomes ``strength · U @ V`` (``U`` is scaled, ``V`` kept), and every
+        per-neuron multiplier ``s`` becomes ``1 + strength · (s − 1)``, so strength 0 is the
+        unedited model and 1 the delta as it is. ``metadata["strength"]`` records the product of
+        the strengths applied; the fingerprint is kept (the base model is the same).
+        """
+        try:
+            alpha = float(strength)
+        except (TypeError, ValueError):
+            raise DeltaError(f"strength must be a number, got {strength!r}") from None
+        if not math.isfinite(alpha) or alpha < 0:
+            raise DeltaError(f"strength must be finite and >= 0, got {strength!r}")
+
+        def one(e: ModuleEdit) -> ModuleEdit:
+            U = None if e.U is None else e.U * alpha
+            scale = None if e.scale is None else 1 + (e.scale - 1) * alpha
+            return ModuleEdit(e.module, e.side, e.neurons.clone(), U, None if e.V is None else e.V.clone(), scale)
+
+        metadata = dict(self.metadata)
+        metadata["strength"] = float(metadata.get("strength", 1.0)) * alpha
+        return SparseDelta([one(e) for e in self.edits], metadata, self.fingerprint)
+
     def __repr__(self) -> str:
         parts = ", ".join(f"{e.module}[{e.side}, |S|={e.num_neurons}, r={e.rank}]" for e in self.edits)
         return f"SparseDelta({parts})"

@@ -256,3 +256,55 @@ def test_fingerprint_rejects_other_model():
 
 def test_no_fingerprint_applies_anywhere():
     check_fingerprint(make_tiny_model("qwen2"), SparseDelta([_edit()]))
+
+
+# -- strength (SparseDelta.scaled) ------------------------------------------------------------------
+def test_scaled_factors_and_multipliers():
+    d = _delta()
+    half = d.scaled(0.5)
+    for e0, e1 in zip(d.edits, half.edits):
+        torch.testing.assert_close(e1.dense_rows(), 0.5 * e0.dense_rows(), rtol=1e-12, atol=1e-12)
+        if e0.scale is not None:
+            torch.testing.assert_close(e1.scale, 1 + 0.5 * (e0.scale - 1))
+    # strength 0 is the unedited layer: no low-rank change, every multiplier 1
+    zero = d.scaled(0.0)
+    assert all(not e.dense_rows().any() for e in zero.edits)
+    assert torch.equal(zero.edits[0].scale, torch.ones_like(d.edits[0].scale))
+    # the original is untouched, metadata records the product, the fingerprint is kept
+    assert torch.equal(d.edits[0].U, _delta().edits[0].U) and "strength" not in d.metadata
+    assert half.scaled(0.5).metadata["strength"] == 0.25
+    assert half.metadata["method"] == "test"
+    fp = {"model": "x"}
+    assert _delta(fingerprint=fp).scaled(2.0).fingerprint == fp
+
+
+@pytest.mark.parametrize("bad", [-0.5, float("nan"), float("inf"), "strong", None])
+def test_scaled_refuses_bad_strength(bad):
+    with pytest.raises(DeltaError, match="strength"):
+        _delta().scaled(bad)
+
+
+def test_scaled_delta_patches_like_the_dense_interpolation():
+    """At one edited down_proj (side in, low-rank only) the layer's weight is W + α·ΔW: the patched
+    model at strength α equals a dense float64 edit of that weight on fresh random factors."""
+    from delta_helpers import random_edit
+    from edit_runtime.patch import patch_model
+
+    model = make_tiny_model("llama")
+    delta = SparseDelta([random_edit(model, 1, "down", seed=7, magnitude=0.8)])
+    ids = torch.randint(0, model.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(3))
+    lin = model.get_submodule(delta.edits[0].module)
+    W = lin.weight.detach().clone()
+    for alpha in (0.0, 0.3, 1.0, 1.7):
+        e = delta.edits[0]
+        dense = W.double()
+        dense[:, e.neurons] += alpha * (e.U.double() @ e.V.double())
+        with torch.no_grad():
+            lin.weight.copy_(dense.float())
+            want = model(ids, use_cache=False).logits
+            lin.weight.copy_(W)
+        with patch_model(model, delta.scaled(alpha)):
+            with torch.no_grad():
+                got = model(ids, use_cache=False).logits
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert torch.equal(lin.weight, W)

@@ -1,6 +1,7 @@
 """fit.py end to end on the real SmolLM2 model with a few built-in prompts (kept small: CPU)."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from edit_runtime import SparseDelta, patch_model
@@ -109,6 +110,22 @@ def test_cli_fit_writes_a_delta_that_patches(smollm2, tmp_path, capsys):
     assert delta.metadata["config"]["low_langs"] == ["zh", "vi"]
     with patch_model(model, delta) as handle:
         assert handle.modules == [find_mlp(model, 10).up]
+    # --strength saves the same fit scaled (the statistics and the solve are deterministic)
+    half = tmp_path / "half.safetensors"
+    assert cli_main(["fit", "--model", "smollm2-135m-instruct", "--harmful", "builtin:harmful",
+                     "--harmful-langs", "zh,vi", "--harmless", "builtin:harmless", "--harmless-langs",
+                     "en,zh,vi", "--layer", "10", "--rank", "2", "--limit", "4", "--strength", "0.5",
+                     "-o", str(half)]) == 0
+    assert "at strength 0.5" in capsys.readouterr().out
+    scaled = SparseDelta.load(half)
+    assert scaled.metadata["strength"] == 0.5
+    torch.testing.assert_close(scaled.edits[0].dense_rows(), 0.5 * delta.edits[0].dense_rows(),
+                               rtol=1e-6, atol=1e-9)
+    with pytest.raises(SystemExit):
+        cli_main(["fit", "--model", "smollm2-135m-instruct", "--harmful", "builtin:harmful",
+                  "--harmful-langs", "zh", "--harmless", "builtin:harmless", "--layer", "10",
+                  "--strength", "-1", "-o", str(tmp_path / "bad.safetensors")])
+    assert not (tmp_path / "bad.safetensors").exists()
 
 
 def test_single_pass_fit_equals_two_passes(smollm2):

@@ -36,6 +36,17 @@ def positive_int(text: str) -> int:
     return value
 
 
+def nonnegative_float(text: str) -> float:
+    """A finite float ≥ 0 (e.g. an edit's strength), or a clear argparse error."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+    if not (value >= 0 and value != float("inf")):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text}")
+    return value
+
+
 def given_flags(args: argparse.Namespace, options: "tuple[tuple[str, str], ...]") -> list[str]:
     """The flags of ``options`` (``(flag, argparse dest)`` pairs whose default is None) that the
     command line gave, e.g. to refuse options another ``--method`` reads. A given ``0`` or empty
