@@ -126,6 +126,10 @@ SWEEP: dict[str, tuple[dict, str]] = {
                                ("lam10x", {"lam_rel": 0.1}, "ridge λ_rel 0.1 (10× the default)"),
                                ("enref", {"hold_anchor_refused": True},
                                 "the harmless ids English refuses held in place, not mapped"))},
+    # the edit's strength (SparseDelta.scaled: α·ΔW) of the rank-32 row: less of a stronger edit
+    **{f"R20-hold-h16-thar16-r32-s{round(100 * s):03d}": (
+        {"method": "residual", "layer": 20, **BEST_RESIDUAL, "rank": 32, "strength": s},
+        f"R20-hold-h16-thar16, rank 32, applied at strength {s}") for s in (0.75, 0.9)},
 }
 DEFAULT_SWEEP = [name for name, (over, _) in SWEEP.items() if "method" not in over] + [
     "R20", "R20-w1", "R20-hold-h16", "R20-hold-ar-h16"]
@@ -222,6 +226,7 @@ def main(argv: list[str] | None = None) -> int:
         """The harmful rows, harmless rows and configs (one per layer, composed) of a residual row."""
         over = dict(SWEEP[name][0])
         over.pop("method")
+        over.pop("strength", None)  # applied to the fitted delta (delta_for)
         layers = over.pop("layers", None) or [over.pop("layer")]
         harmless = list(harmless_train)
         if over.pop("harmless_extra", None) == "mgsm":
@@ -257,6 +262,7 @@ def main(argv: list[str] | None = None) -> int:
         if path.exists():
             return path
         over = dict(SWEEP[name][0])
+        strength = over.pop("strength", None)
         if over.get("method") == "residual":
             rows, harmless, cfgs_r = residual_inputs(name)
             t0 = time.perf_counter()
@@ -276,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.perf_counter()
             res = fit(model, tok, train, harmless_train, cfg)
         timings[f"fit {name}"] = time.perf_counter() - t0
-        res.delta.save(path)
+        (res.delta if strength is None else res.delta.scaled(strength)).save(path)
         return path
 
     summary: dict = {"model": args.model, "fit_langs": fit_langs, "sweep": {}, "timings_s": timings}

@@ -156,3 +156,33 @@ def test_choice_rules_out_lower_english_refusal_and_over_refusal_rise():
     assert proof.choose_best(rows[:3], max_over_refusal_rise=0.05) == (rows[1], False)
     with pytest.raises(ValueError, match="no sweep row"):
         proof.choose_best(rows[:1], max_over_refusal_rise=0.05)
+
+
+#: keys a sweep row may carry that the proof itself reads (not a FitConfig / ResidualFitConfig field)
+PROOF_ONLY_KEYS = {"method", "layer", "layers", "strength", "harmless_extra", "hold_anchor_refused",
+                   "extra_fit_langs"}
+
+
+@pytest.mark.parametrize("name", list(proof.SWEEP))
+def test_every_sweep_row_builds_its_config(name):
+    """A misspelt option in a sweep row would only fail when that row is fitted, after the
+    statistics pass: every row's options must be fields of the config it builds."""
+    import dataclasses
+
+    from edit_runtime.fit import FitConfig
+    from edit_runtime.residual_fit import ResidualFitConfig
+
+    over = dict(proof.SWEEP[name][0])
+    residual = over.get("method") == "residual"
+    kind = ResidualFitConfig if residual else FitConfig
+    fields = {f.name for f in dataclasses.fields(kind)}
+    assert set(over) - fields - PROOF_ONLY_KEYS == set()
+    if "strength" in over:
+        assert over["strength"] >= 0
+    kw = {k: v for k, v in over.items() if k not in PROOF_ONLY_KEYS}
+    low = [l for l in proof.FIT_LANGS.split(",") if l not in over.get("hold_langs", [])]
+    if residual:
+        for layer in over.get("layers") or [over["layer"]]:
+            ResidualFitConfig(layer=layer, low_langs=low, **kw)
+    else:
+        FitConfig(low_langs=low, layers=over.get("layers", [12]), **kw)
