@@ -11,7 +11,7 @@ import sys
 from typing import Callable, Sequence
 
 from edit_runtime.commands.argtypes import (RESIDUAL_ONLY_OPTIONS, csv_list, given_flags, int_list,
-                                          nonnegative_float)
+                                          lang_weights, nonnegative_float)
 
 Command = Callable[[argparse.Namespace], int]
 
@@ -96,20 +96,6 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     return 0
 
 
-def _lang_weights(text: str | None) -> dict[str, float]:
-    """``"th=16,ar=8"`` -> ``{"th": 16.0, "ar": 8.0}``; exits naming a malformed item."""
-    out: dict[str, float] = {}
-    for item in csv_list(text) if text else []:
-        lang, eq, value = item.partition("=")
-        try:
-            if not eq or not lang.strip():
-                raise ValueError
-            out[lang.strip()] = float(value)
-        except ValueError:
-            raise SystemExit(f"--harmless-lang-weights: {item!r} is not LANG=WEIGHT (e.g. th=16,ar=16)") from None
-    return out
-
-
 def _residual_configs(args: argparse.Namespace, low: list[str]) -> list:
     """One ``ResidualFitConfig`` per ``--layer`` from the fit options; exits on the ones the
     residual recipe has not."""
@@ -132,7 +118,7 @@ def _residual_configs(args: argparse.Namespace, low: list[str]) -> list:
     try:
         return [ResidualFitConfig(layer=layer, low_langs=low, anchor_lang=args.anchor_lang, rank=args.rank,
                                   gamma=args.gamma, **given,
-                                  harmless_lang_weights=_lang_weights(args.harmless_lang_weights),
+                                  harmless_lang_weights=lang_weights(args.harmless_lang_weights),
                                   hold_langs=csv_list(args.hold_langs) if args.hold_langs else [],
                                   lam_rel=1e-2 if args.lam_rel is None else args.lam_rel,
                                   system_prompt=args.system_prompt, batch_size=args.batch_size,

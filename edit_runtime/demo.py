@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from edit_runtime.commands.argtypes import RESIDUAL_ONLY_OPTIONS, csv_list, given_flags
+from edit_runtime.commands.argtypes import RESIDUAL_ONLY_OPTIONS, csv_list, given_flags, lang_weights
 
 DEFAULT_MODEL = "qwen2.5-coder-0.5b-instruct"
 DEFAULT_LANGS = ("en", "zh", "vi", "th", "bn", "sw", "fr", "ar")
@@ -54,6 +54,8 @@ def run(argv: Sequence[str] | None = None) -> int:
                         "down_proj, last-token residual mapped onto English (edit_runtime.residual_fit)")
     p.add_argument("--harmless-weight", type=float, default=None,
                    help="residual: weight of the harmless rows (default 4)")
+    p.add_argument("--harmless-lang-weights", default=None,
+                   help="residual: per-language harmless weights overriding --harmless-weight, e.g. th=16,ar=16")
     p.add_argument("--hold-langs", default=None,
                    help="residual: comma-separated languages of --langs whose last tokens the edit leaves in place "
                         "(languages the model does not read, e.g. bn,sw for Qwen); they are not mapped")
@@ -93,6 +95,10 @@ def run(argv: Sequence[str] | None = None) -> int:
     if not set(hold) <= set(low):
         p.error(f"--hold-langs {hold} must be among the non-anchor --langs {low}")
     low = [l for l in low if l not in hold]
+    try:  # checked before the model loads
+        harmless_lang_weights = lang_weights(args.harmless_lang_weights)
+    except SystemExit as exc:
+        p.error(str(exc))
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
@@ -127,6 +133,7 @@ def run(argv: Sequence[str] | None = None) -> int:
     else:
         # --harmless-weight left out: ResidualFitConfig's default; the demo holds at 16 by default
         weights = {"harmless_weight": args.harmless_weight} if args.harmless_weight is not None else {}
+        weights["harmless_lang_weights"] = harmless_lang_weights
         rcfg = ResidualFitConfig(layer=args.layer, low_langs=low, anchor_lang=anchor, rank=args.rank,
                                  gamma=args.gamma, **weights, hold_langs=hold,
                                  hold_weight=16.0 if args.hold_weight is None else args.hold_weight,

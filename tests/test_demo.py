@@ -16,7 +16,7 @@ def _run(tmp_path, *extra):
     return rc, out
 
 
-@pytest.mark.parametrize("extra", [[], ["--method", "residual", "--hold-langs", "bn"]],
+@pytest.mark.parametrize("extra", [[], ["--method", "residual", "--hold-langs", "bn", "--harmless-lang-weights", "zh=3"]],
                          ids=["swe", "residual-hold"])
 def test_demo_quick_runs_end_to_end(smollm2, tmp_path, capsys, extra):
     rc, out = _run(tmp_path, *extra)
@@ -33,6 +33,7 @@ def test_demo_quick_runs_end_to_end(smollm2, tmp_path, capsys, extra):
         assert delta.metadata["languages"]["hold"] == ["bn"]
         assert delta.metadata["languages"]["low"] == ["zh", "sw"]
         assert delta.metadata["data"]["held_language_rows"] > 0
+        assert delta.metadata["config"]["harmless_lang_weights"] == {"zh": 3.0}
     assert (out / "results.md").is_file()
 
 
@@ -41,6 +42,8 @@ def test_demo_quick_runs_end_to_end(smollm2, tmp_path, capsys, extra):
     (["--hold-weight", "4"], "--hold-weight: option(s) of --method residual"),
     (["--harmless-weight", "0"], "--harmless-weight: option(s) of --method residual"),  # 0 is given too
     (["--method", "residual", "--hold-langs", "ko"], "must be among the non-anchor"),
+    (["--harmless-lang-weights", "th=16"], "--harmless-lang-weights: option(s) of --method residual"),
+    (["--method", "residual", "--harmless-lang-weights", "th:16"], "is not LANG=WEIGHT"),
 ])
 def test_demo_refuses_bad_options_before_loading(tmp_path, capsys, extra, msg):
     with pytest.raises(SystemExit) as e:

@@ -47,6 +47,21 @@ def nonnegative_float(text: str) -> float:
     return value
 
 
+def lang_weights(text: str | None) -> dict[str, float]:
+    """``"th=16,ar=8"`` -> ``{"th": 16.0, "ar": 8.0}`` (``--harmless-lang-weights``); exits naming
+    a malformed item."""
+    out: dict[str, float] = {}
+    for item in csv_list(text) if text else []:
+        lang, eq, value = item.partition("=")
+        try:
+            if not eq or not lang.strip():
+                raise ValueError
+            out[lang.strip()] = float(value)
+        except ValueError:
+            raise SystemExit(f"--harmless-lang-weights: {item!r} is not LANG=WEIGHT (e.g. th=16,ar=16)") from None
+    return out
+
+
 def given_flags(args: argparse.Namespace, options: "tuple[tuple[str, str], ...]") -> list[str]:
     """The flags of ``options`` (``(flag, argparse dest)`` pairs whose default is None) that the
     command line gave, e.g. to refuse options another ``--method`` reads. A given ``0`` or empty
