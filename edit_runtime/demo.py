@@ -15,7 +15,7 @@ prompt set in ``edit_runtime/prompts``) it
 3. prints the per-language table and writes ``results.json``, ``results.md``, the plots, the
    delta and every response under the output folder.
 
-Everything runs on CPU; with the defaults it takes about 8 minutes on a 2-core machine (2026-12-02).
+Everything runs on CPU; with the defaults it takes 8–12 minutes on a 2-core machine (2026-12-02, 2026-12-07).
 Re-running the same command resumes: finished responses are not generated again.
 """
 from __future__ import annotations
