@@ -186,3 +186,12 @@ def test_every_sweep_row_builds_its_config(name):
             ResidualFitConfig(layer=layer, low_langs=low, **kw)
     else:
         FitConfig(low_langs=low, layers=over.get("layers", [12]), **kw)
+
+
+def test_tradeoff_plot_writes_a_png(tmp_path):
+    rows = [_row("base", 0.60, 0.43, 0.29, 0.088), _row("a", 0.64, 0.27, 0.56, 0.120),
+            _row("b", 0.64, 0.25, 0.58, 0.134), _row("unmeasured", 0.60, 0.30, 0.50, float("nan"))]
+    path = proof.plot_tradeoff(rows, tmp_path / "t.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ValueError, match="no sweep row"):
+        proof.plot_tradeoff([rows[0], rows[3]], tmp_path / "none.png")
