@@ -1,0 +1,310 @@
+"""Probe-gated edits: a linear harmfulness probe on the residual stream turns a patch on per sequence.
+
+An edit fitted to make harmful prompts refuse also moves some harmless ones ("teach my child to
+tie shoelaces" answered "I can't assist"). A :class:`ProbeGate` reads the residual stream after
+decoder layer ``layer`` at each sequence's last prompt token, scores it with a logistic probe
+``s = h @ weight + bias`` (fitted on harmful vs harmless prompts, :func:`fit_probe_gate`), and
+switches the patch on only for the sequences with ``s > threshold``, through the handle's
+per-sequence row mask (:meth:`edit_runtime.patch.PatchHandle.set_row_mask`).
+
+The decision is taken inside the prefill forward: a hook on decoder layer ``layer`` sets the mask
+before the edited layers run, so the gate layer must come before every edited layer. A gated-on
+sequence is then exactly the edited model's (every token, prompt included, goes through the
+edit) and a gated-off one exactly the base model's. Decode steps (one new token per sequence)
+keep the prefill's decision, so ``model.generate`` needs nothing else.
+
+Usage::
+
+    handle = patch_model(model, delta)
+    gate = ProbeGate.load("gate.safetensors")
+    with attach_gate(handle, gate):
+        out = model.generate(**batch)              # the edit on only where the probe fires
+
+The gate owns the handle's row mask while attached; do not set one by hand at the same time.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from edit_runtime.arch import find_decoder_layers
+from edit_runtime.patch import PatchError, PatchHandle
+
+GATE_FORMAT = "edit_runtime.probe_gate/1"
+
+
+class GateError(ValueError):
+    """A probe gate that cannot be used as asked (bad values, wrong model, bad file)."""
+
+
+@dataclass
+class ProbeGate:
+    """A logistic probe on the residual stream after decoder layer ``layer``.
+
+    Args:
+        layer: decoder layer whose output hidden state is read (0-based; the same index as
+            ``hidden_states[layer + 1]`` of a transformers forward).
+        weight: ``(d_model,)`` probe weights on the raw hidden state (standardisation folded in).
+        bias: the probe's intercept.
+        threshold: the edit is on for a sequence whose score ``h @ weight + bias`` exceeds it
+            (0 is the probe's own boundary; higher is stricter: fewer sequences edited).
+        metadata: JSON-serialisable description (training data, sizes, layer choice).
+    """
+
+    layer: int
+    weight: torch.Tensor
+    bias: float
+    threshold: float = 0.0
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.layer, int) or isinstance(self.layer, bool) or self.layer < 0:
+            raise GateError(f"gate layer must be a non-negative int, got {self.layer!r}")
+        w = torch.as_tensor(self.weight)
+        if w.dim() != 1 or w.numel() == 0 or not w.is_floating_point():
+            raise GateError(f"gate weight must be a non-empty 1-D float tensor, got shape {tuple(w.shape)}, {w.dtype}")
+        if not bool(torch.isfinite(w).all()):
+            raise GateError("gate weight has NaN or infinite entries")
+        self.weight = w.detach().to(torch.float32).cpu().contiguous()
+        for name in ("bias", "threshold"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise GateError(f"gate {name} must be a finite number, got {value!r}")
+            setattr(self, name, float(value))
+        try:
+            json.dumps(self.metadata)
+        except TypeError as exc:
+            raise GateError(f"gate metadata must be JSON-serialisable: {exc}") from None
+
+    @property
+    def d_model(self) -> int:
+        return self.weight.numel()
+
+    def score(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``(..., d_model)`` hidden states -> ``(...,)`` probe scores (float32, on their device)."""
+        if hidden.shape[-1] != self.d_model:
+            raise GateError(f"hidden states have {hidden.shape[-1]} features, the gate expects {self.d_model}")
+        w = self.weight.to(hidden.device)
+        return hidden.to(torch.float32) @ w + self.bias
+
+    def with_threshold(self, threshold: float) -> "ProbeGate":
+        """The same probe with another threshold."""
+        return ProbeGate(self.layer, self.weight, self.bias, threshold, dict(self.metadata))
+
+    # -- files -------------------------------------------------------------------------------
+    def save(self, path: str | Path) -> Path:
+        """Writes a safetensors file (the weight plus JSON metadata); returns the path."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        header = {"format": GATE_FORMAT, "layer": str(self.layer), "bias": repr(self.bias),
+                  "threshold": repr(self.threshold), "metadata": json.dumps(self.metadata)}
+        save_file({"weight": self.weight}, str(path), metadata=header)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "ProbeGate":
+        """Reads a file written by :meth:`save`; a file that is not one raises :class:`GateError`."""
+        from safetensors import SafetensorError, safe_open
+
+        path = Path(path)
+        if not path.is_file():
+            raise GateError(f"no gate file at {path}")
+        try:
+            with safe_open(str(path), "pt") as f:
+                header = f.metadata() or {}
+                if header.get("format") != GATE_FORMAT:
+                    raise GateError(f"{path} is not a probe gate file (format {header.get('format')!r}, "
+                                    f"expected {GATE_FORMAT!r})")
+                if set(f.keys()) != {"weight"}:
+                    raise GateError(f"{path}: expected one tensor 'weight', found {sorted(f.keys())}")
+                weight = f.get_tensor("weight")
+            return cls(int(header["layer"]), weight, float(header["bias"]), float(header["threshold"]),
+                       json.loads(header.get("metadata", "{}")))
+        except GateError:
+            raise
+        except (SafetensorError, KeyError, ValueError, OSError) as exc:
+            raise GateError(f"{path}: not a readable probe gate file ({type(exc).__name__}: {exc})") from None
+
+
+def fit_probe_gate(harmful: torch.Tensor, harmless: torch.Tensor, layer: int, *, l2: float = 1e-2,
+                   threshold: float = 0.0, max_iter: int = 500,
+                   metadata: dict[str, Any] | None = None) -> ProbeGate:
+    """Class-balanced L2 logistic regression of harmful (1) vs harmless (0) hidden states.
+
+    Args:
+        harmful: ``(N1, d_model)`` hidden states after ``layer`` at the last prompt token.
+        harmless: ``(N0, d_model)`` the same for harmless prompts.
+        l2: ridge weight on the standardised features (each class weighs one half in the loss).
+
+    Fitted in float64 with L-BFGS on standardised features; the standardisation is folded into
+    the returned weight and bias, so the gate scores raw hidden states.
+    """
+    harmful, harmless = torch.as_tensor(harmful), torch.as_tensor(harmless)
+    if harmful.dim() != 2 or harmless.dim() != 2 or harmful.shape[1] != harmless.shape[1]:
+        raise GateError(f"need (N, d) hidden states of one width, got {tuple(harmful.shape)} and {tuple(harmless.shape)}")
+    if len(harmful) < 2 or len(harmless) < 2:
+        raise GateError(f"need at least 2 prompts per class, got {len(harmful)} harmful and {len(harmless)} harmless")
+    X = torch.cat([harmful, harmless]).to(torch.float64)
+    if not bool(torch.isfinite(X).all()):
+        raise GateError("hidden states have NaN or infinite entries")
+    if not (l2 > 0 and math.isfinite(l2)):
+        raise GateError(f"l2 must be a positive number, got {l2!r}")
+    mu, sd = X.mean(0), X.std(0) + 1e-6
+    Z = (X - mu) / sd
+    y = torch.cat([torch.ones(len(harmful)), torch.zeros(len(harmless))]).to(torch.float64)
+    sample_w = torch.where(y > 0, 0.5 / len(harmful), 0.5 / len(harmless)).to(torch.float64)
+    w = torch.zeros(Z.shape[1], dtype=torch.float64, requires_grad=True)
+    b = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], max_iter=max_iter, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        logits = Z @ w + b
+        loss = (sample_w * nn.functional.binary_cross_entropy_with_logits(logits, y, reduction="none")).sum()
+        loss = loss + l2 * (w @ w) / 2
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    w, b = w.detach(), b.detach()
+    meta = {"n_harmful": len(harmful), "n_harmless": len(harmless), "l2": l2, **(metadata or {})}
+    return ProbeGate(layer, (w / sd).to(torch.float32), float(b - (mu / sd) @ w), threshold, meta)
+
+
+# ----------------------------------------------------------------------------------- runtime
+def _edited_layers(handle: PatchHandle, prefix: str) -> list[int]:
+    layers = []
+    for path in handle.modules:
+        if not path.startswith(prefix + "."):
+            raise GateError(f"edited module {path!r} is not inside the decoder layers ({prefix!r}): "
+                            "a gate cannot order itself before it")
+        layers.append(int(path[len(prefix) + 1:].split(".", 1)[0]))
+    return layers
+
+
+class GateHandle:
+    """An attached :class:`ProbeGate`; ``remove()`` (or leaving the ``with`` block) detaches it
+    and clears the patch's row mask. ``last_scores`` / ``last_mask`` hold the latest prefill's
+    ``(B,)`` scores and decisions (CPU)."""
+
+    def __init__(self, handle: PatchHandle, gate: ProbeGate):
+        self.handle, self.gate = handle, gate
+        self.last_scores: torch.Tensor | None = None
+        self.last_mask: torch.Tensor | None = None
+        self._attention_mask: torch.Tensor | None = None
+        self._hooks: list[Any] = []
+
+    def __enter__(self) -> "GateHandle":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    @property
+    def removed(self) -> bool:
+        return not self._hooks
+
+    def remove(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+        if not self.handle.removed:
+            self.handle.clear_row_mask()
+
+    def _remember_mask(self, module, args, kwargs) -> None:
+        self._attention_mask = kwargs.get("attention_mask")
+
+    def _decide(self, module, args, output) -> None:
+        hidden = output[0] if isinstance(output, (tuple, list)) else output
+        if hidden.dim() != 3 or hidden.shape[1] <= 1:
+            return  # a decode step: the prefill's decision holds
+        T = hidden.shape[1]
+        mask = self._attention_mask
+        if isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[0] == hidden.shape[0] and mask.shape[1] >= T:
+            # last real token of each row, left or right padding alike
+            m = mask[:, -T:].to(torch.int64)
+            last = (T - 1) - m.flip(1).argmax(1)
+        else:
+            last = torch.full((hidden.shape[0],), T - 1, dtype=torch.int64, device=hidden.device)
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+        scores = self.gate.score(hidden[rows, last.to(hidden.device)].detach())
+        decision = scores > self.gate.threshold
+        self.handle.set_row_mask(decision)
+        self.last_scores, self.last_mask = scores.cpu(), decision.cpu()
+
+
+def attach_gate(handle: PatchHandle, gate: ProbeGate) -> GateHandle:
+    """Gates ``handle``'s edit per sequence with ``gate`` (see the module docstring).
+
+    Checked before anything is hooked (:class:`GateError` otherwise): the handle is live and not
+    merged, the model's hidden size is the gate's, the gate layer exists and comes before every
+    edited layer.
+    """
+    if handle.removed:
+        raise GateError(f"{handle!r} was removed; patch the model again")
+    if handle.merged:
+        raise GateError(f"{handle!r} is merged into the weights: a merged edit cannot be gated per sequence")
+    model = handle.model
+    prefix, layers = find_decoder_layers(model)
+    hidden = getattr(getattr(model, "config", None), "hidden_size", None)
+    if hidden is not None and hidden != gate.d_model:
+        raise GateError(f"the gate expects hidden size {gate.d_model}, the model has {hidden}")
+    if gate.layer >= len(layers):
+        raise GateError(f"gate layer {gate.layer} does not exist: the model has {len(layers)} decoder layers")
+    edited = _edited_layers(handle, prefix)
+    if min(edited) <= gate.layer:
+        raise GateError(f"gate layer {gate.layer} must come before every edited layer (edited: "
+                        f"{sorted(set(edited))}): the decision is taken before the edit runs")
+    gh = GateHandle(handle, gate)
+    gh._hooks.append(model.register_forward_pre_hook(gh._remember_mask, with_kwargs=True))
+    gh._hooks.append(layers[gate.layer].register_forward_hook(gh._decide))
+    return gh
+
+
+def last_token_hidden(model: nn.Module, tokenizer: Any, texts: Sequence[str], layers: Sequence[int], *,
+                      batch_size: int = 16, system_prompt: str | None = None,
+                      progress: bool = False) -> dict[int, torch.Tensor]:
+    """Hidden states after each of ``layers`` at the last prompt token (chat template applied).
+
+    Returns ``{layer: (len(texts), d_model)}`` float32 CPU tensors: the features a gate is fitted
+    on and scores. Prompts are left-padded, so the last position is the last prompt token.
+    """
+    from edit_runtime.capture import encode_prompts
+
+    n_layers = len(find_decoder_layers(model)[1])
+    for layer in layers:
+        if not 0 <= layer < n_layers - 1:
+            # the last layer's hidden_states entry has the final norm applied: not a residual
+            raise GateError(f"layer {layer} out of range 0..{n_layers - 2}")
+    ids = encode_prompts(tokenizer, list(texts), system_prompt=system_prompt)
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    out = {layer: torch.empty(len(ids), model.config.hidden_size) for layer in layers}
+    order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    if progress:
+        from tqdm.auto import tqdm
+        batches = tqdm(batches, desc="probe features", unit="batch")
+    with torch.no_grad():
+        for batch in batches:
+            T = max(len(ids[i]) for i in batch)
+            input_ids = torch.full((len(batch), T), pad, dtype=torch.long)
+            attn = torch.zeros((len(batch), T), dtype=torch.long)
+            for row, i in enumerate(batch):
+                input_ids[row, T - len(ids[i]):] = torch.tensor(ids[i])
+                attn[row, T - len(ids[i]):] = 1
+            pos = (attn.cumsum(1) - 1).clamp(min=0)
+            hs = model(input_ids=input_ids.to(device), attention_mask=attn.to(device), position_ids=pos.to(device),
+                       output_hidden_states=True, use_cache=False).hidden_states
+            for layer in layers:
+                out[layer][batch] = hs[layer + 1][:, -1].float().cpu()
+    return out
