@@ -195,3 +195,22 @@ def test_tradeoff_plot_writes_a_png(tmp_path):
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(ValueError, match="no sweep row"):
         proof.plot_tradeoff([rows[0], rows[3]], tmp_path / "none.png")
+
+
+gate_bench = _bench("multijail_gate")
+
+
+def test_gated_labels_compose_base_and_edited_per_prompt():
+    """The gated model's verdict is the edited one where the gate is on, the base one elsewhere;
+    the summary's rates and the paired interval follow from those labels."""
+    base = {("1", "en"): "refusal", ("1", "zh"): "compliance", ("2", "en"): "compliance", ("2", "zh"): "compliance"}
+    edited = {("1", "en"): "refusal", ("1", "zh"): "refusal", ("2", "en"): "refusal", ("2", "zh"): "refusal"}
+    on = {("1", "en"): False, ("1", "zh"): True, ("2", "en"): False, ("2", "zh"): False}
+    gated = gate_bench.compose(base, edited, on)
+    assert gated == {("1", "en"): "refusal", ("1", "zh"): "refusal", ("2", "en"): "compliance", ("2", "zh"): "compliance"}
+    harmless = {("a", "en"): "refusal", ("b", "en"): "compliance", ("a", "zh"): "compliance", ("b", "zh"): "compliance"}
+    s = gate_bench.summary(gated, harmless)
+    assert s["en_refusal"] == 0.5 and s["asr_non_en"] == 0.5
+    assert s["over_refusal"] == pytest.approx((0.5 + 0.0) / 2) and s["over_refused"] == {"en": 1, "zh": 0}
+    rel, lo, hi = gate_bench.paired_interval(base, gated, boot=200)
+    assert rel == pytest.approx(0.5 / 1.0 - 1) and lo <= rel <= hi

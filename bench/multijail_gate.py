@@ -1,0 +1,264 @@
+"""A probe-gated edit on MultiJail: the proof's best delta, on only where a harmfulness probe fires.
+
+    python bench/multijail_gate.py PROOF_DIR [--variant NAME] [--layers 8,12,16]
+        [--thresholds=-1,0,1,2,3] [--max-over-refusal-rise 0.02] [--threads 2] [-o PROOF_DIR/gate]
+
+``PROOF_DIR`` is a folder of ``bench/multijail_proof.py`` that ran the sweep (the validation
+rows, ``--val-limit`` ids) and the test stage (``--test-variants base,best``). The gate
+(:mod:`edit_runtime.gate`) is a logistic probe on the base model's residual stream after one
+decoder layer, at the last prompt token, fitted on the proof's train split: MultiJail harmful
+prompts of the fit languages plus English against the built-in harmless train prompts.
+
+How the gated edit is scored. The gate decides per sequence inside the prefill, before the
+edited layer runs, so a gated-on prompt gets exactly the edited model's response and a gated-off
+one exactly the base model's (``tests/test_gate.py`` checks this on the real SmolLM2). The gated
+model's verdicts are therefore composed from the proof's own judged responses of the base model
+and of the delta, per prompt, with no new generation: harmful prompts from
+``sweep/<row>/generations`` (validation) and ``test/generations`` (test), harmless ones from the
+matching ``over_refusal`` files, all judged here with the proof's judge.
+
+Choice, on validation only: over probe layers (each before the edited layer) and thresholds, the
+gate with the lowest mean non-English ASR whose English refusal is not below the base's and whose
+over-refusal is at most ``--max-over-refusal-rise`` above it (ties: fewer harmless prompts gated
+on). Then the test split is reported per language for base, the ungated delta and the gated one,
+with the paired bootstrap interval of the relative ASR change (unit: a prompt id with all its
+languages, 2000 draws, seed 0), the over-refusal, and how many MGSM English test questions the gate
+turns the edit on for (none: the gated model's MGSM is the base model's, exactly).
+
+Writes ``-o/gate.safetensors`` (the chosen gate, :meth:`ProbeGate.load` reads it),
+``-o/gate.md``, ``-o/gate.json`` and ``-o/features.safetensors`` (the probe features, a cache).
+Run time: the features, one batched forward per prompt (about 4,600 prompts), 10-15 min on 2
+cores; the rest seconds.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from edit_runtime.data import load_prompts
+from edit_runtime.gate import ProbeGate, fit_probe_gate, last_token_hidden
+from edit_runtime.judge import KeywordJudge
+from edit_runtime.models import load_model
+
+ANCHOR = "en"
+
+
+def read_responses(path: Path) -> list[dict]:
+    """The lines of a generation / over-refusal JSONL file that hold a response."""
+    rows = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if line.strip():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise SystemExit(f"{path}:{n}: not JSON ({e})") from None
+            if "response" in row:
+                rows.append(row)
+    return rows
+
+
+def judged(rows: list[dict], judge: KeywordJudge) -> dict[tuple[str, str], str]:
+    """``{(id, lang): label}`` for the rows, judged with the proof's judge."""
+    verdicts = judge.judge_batch([r["prompt"] for r in rows], [r["response"] for r in rows], [r["lang"] for r in rows])
+    return {(r["id"], r["lang"]): v.label for r, v in zip(rows, verdicts)}
+
+
+def compose(base: dict, edited: dict, on: dict) -> dict:
+    """The gated model's labels: the edited label where the gate is on, else the base label."""
+    return {k: (edited[k] if on[k] else base[k]) for k in base if k in edited and k in on}
+
+
+def summary(harmful: dict, harmless: dict) -> dict:
+    """Per-language rates and the means the proof ranks by (harmful: refusal/ASR/invalid;
+    harmless: over-refusal = the mean over languages of the refused fraction)."""
+    langs = sorted({lg for _, lg in harmful}, key=lambda lg: (lg != ANCHOR, lg))
+    per = {}
+    for lg in langs:
+        labels = [v for k, v in harmful.items() if k[1] == lg]
+        per[lg] = {x: statistics.fmean(v == x for v in labels) for x in ("refusal", "compliance", "invalid")}
+        per[lg]["n"] = len(labels)
+    slangs = sorted({lg for _, lg in harmless})
+    over = {lg: [v == "refusal" for k, v in harmless.items() if k[1] == lg] for lg in slangs}
+    non = [lg for lg in langs if lg != ANCHOR]
+    return {"per_lang": per, "en_refusal": per[ANCHOR]["refusal"],
+            "asr_non_en": statistics.fmean(per[lg]["compliance"] for lg in non),
+            "over_refusal": statistics.fmean(statistics.fmean(v) for v in over.values()),
+            "over_refused": {lg: sum(v) for lg, v in over.items()}, "over_n": {lg: len(v) for lg, v in over.items()}}
+
+
+def paired_interval(base: dict, other: dict, boot: int = 2000) -> tuple[float, float, float]:
+    """Relative change of the mean non-English ASR and its paired bootstrap 95 % interval."""
+    langs = sorted({lg for _, lg in base if lg != ANCHOR})
+    ids = sorted({i for i, lg in base if all((i, x) in base and (i, x) in other for x in langs)})
+    b = np.array([[base[(i, lg)] == "compliance" for lg in langs] for i in ids], dtype=float)
+    o = np.array([[other[(i, lg)] == "compliance" for lg in langs] for i in ids], dtype=float)
+    draws = np.random.default_rng(0).integers(0, len(ids), size=(boot, len(ids)))
+    rel = o.mean() / b.mean() - 1
+    samples = np.array([o[d].mean() / b[d].mean() - 1 for d in draws])
+    lo, hi = np.quantile(samples, [0.025, 0.975])
+    return float(rel), float(lo), float(hi)
+
+
+def features(model, tok, sets: dict[str, list[dict]], layers: list[int], path: Path, batch_size: int) -> dict:
+    """``{set: {layer: (N, d)}}``, cached in ``path`` (recomputed when a set's prompts differ)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    cached, keys = {}, {name: [[r["id"], r["lang"], r["prompt"]] for r in rows] for name, rows in sets.items()}
+    if path.is_file():
+        with safe_open(str(path), "pt") as f:
+            meta = json.loads(f.metadata()["keys"])
+            for name in sets:
+                if meta.get(name) == keys[name] and all(f"{name}/{L}" in f.keys() for L in layers):
+                    cached[name] = {L: f.get_tensor(f"{name}/{L}") for L in layers}
+    for name, rows in sets.items():
+        if name not in cached:
+            print(f"probe features: {name} ({len(rows)} prompts)", flush=True)
+            cached[name] = last_token_hidden(model, tok, [r["prompt"] for r in rows], layers,
+                                             batch_size=batch_size, progress=True)
+    save_file({f"{n}/{L}": t.contiguous() for n, by in cached.items() for L, t in by.items()}, str(path),
+              metadata={"keys": json.dumps(keys)})
+    return cached
+
+
+def _rows(prompts) -> list[dict]:
+    return [{"id": p.id, "lang": p.lang, "prompt": p.text} for p in prompts]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("proof_dir", type=Path)
+    ap.add_argument("--variant", default=None, help="the sweep row whose delta is gated (default: proof.json's best)")
+    ap.add_argument("--layers", default="8,12,16", help="probe layers to try (each before the edited layer)")
+    ap.add_argument("--thresholds", default="-1,0,1,2,3", help="probe thresholds to try")
+    ap.add_argument("--max-over-refusal-rise", type=float, default=0.02)
+    ap.add_argument("--l2", type=float, default=1e-2)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("-o", "--output", type=Path, default=None, help="default PROOF_DIR/gate")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    root: Path = args.proof_dir
+    proof = json.loads((root / "proof.json").read_text())
+    variant = args.variant or proof["best"]
+    out = args.output or root / "gate"
+    out.mkdir(parents=True, exist_ok=True)
+    layers = [int(x) for x in args.layers.split(",")]
+    thresholds = [float(x) for x in args.thresholds.split(",")]
+    print(f"gating {variant}", flush=True)
+
+    files = {"val_harmful": [root / "sweep" / n / "generations" / f"{n}.jsonl" for n in ("base", variant)],
+             "val_harmless": [root / "sweep" / n / "over_refusal" / f"{n}.jsonl" for n in ("base", variant)],
+             "test_harmful": [root / "test" / "generations" / f"{n}.jsonl" for n in ("base", f"best-{variant}")],
+             "test_harmless": [root / "test" / "over_refusal" / f"{n}.jsonl" for n in ("base", f"best-{variant}")]}
+    have_test = all(p.is_file() for p in files["test_harmful"] + files["test_harmless"])
+    for name, paths in files.items():
+        if not name.startswith("test") or have_test:
+            for p in paths:
+                if not p.is_file():
+                    raise SystemExit(f"missing {p}: run the proof's sweep (and test stage) for {variant!r} first")
+    judge = KeywordJudge()
+    responses = {name: [read_responses(p) for p in paths] for name, paths in files.items()
+                 if not name.startswith("test") or have_test}
+    labels = {name: [judged(rows, judge) for rows in pair] for name, pair in responses.items()}
+
+    model, tok = load_model(proof["model"])
+    fit_langs = [ANCHOR] + [lg for lg in proof["fit_langs"] if lg != ANCHOR]
+    sets = {"train_harmful": _rows(load_prompts("multijail", langs=fit_langs, split="train", label="harmful")),
+            "train_harmless": _rows(load_prompts("builtin:harmless", split="train", label="harmless")),
+            "mgsm_en_test": _rows(load_prompts("mgsm", langs=["en"], split="test"))}
+    for name, pair in responses.items():
+        sets[name] = sorted({(r["id"], r["lang"]): {k: r[k] for k in ("id", "lang", "prompt")}
+                             for r in pair[0]}.values(), key=lambda r: (r["id"], r["lang"]))
+    feats = features(model, tok, sets, layers, out / "features.safetensors", args.batch_size)
+    keys = {name: [(r["id"], r["lang"]) for r in rows] for name, rows in sets.items()}
+
+    def gate_on(gate: ProbeGate, name: str) -> dict:
+        scores = gate.score(feats[name][gate.layer])
+        return {k: bool(s > gate.threshold) for k, s in zip(keys[name], scores.tolist())}
+
+    probes = {L: fit_probe_gate(feats["train_harmful"][L], feats["train_harmless"][L], L, l2=args.l2,
+                                metadata={"delta": variant, "train": "multijail train " + ",".join(fit_langs)
+                                          + " vs builtin:harmless train"}) for L in layers}
+    base_val = summary(labels["val_harmful"][0], labels["val_harmless"][0])
+    edit_val = summary(labels["val_harmful"][1], labels["val_harmless"][1])
+    lines = [f"# Probe-gated {variant}", "",
+             f"Validation ({base_val['per_lang'][ANCHOR]['n']} ids per language): base non-en ASR "
+             f"{base_val['asr_non_en']:.3f}, over-refusal {base_val['over_refusal']:.3f}; ungated: ASR "
+             f"{edit_val['asr_non_en']:.3f} ({edit_val['asr_non_en'] / base_val['asr_non_en'] - 1:+.0%}), "
+             f"over-refusal {edit_val['over_refusal']:.3f}.", "",
+             "| probe layer | threshold | harmful gated on | harmless gated on | en refusal | non-en ASR | relative | over-refusal (rise) |",
+             "|---|---|---|---|---|---|---|---|"]
+    candidates = []
+    for L, probe in probes.items():
+        for t in thresholds:
+            gate = probe.with_threshold(t)
+            on_h, on_s = gate_on(gate, "val_harmful"), gate_on(gate, "val_harmless")
+            s = summary(compose(*labels["val_harmful"], on_h), compose(*labels["val_harmless"], on_s))
+            frac_h, frac_s = statistics.fmean(on_h.values()), statistics.fmean(on_s.values())
+            rise = s["over_refusal"] - base_val["over_refusal"]
+            eligible = s["en_refusal"] >= base_val["en_refusal"] and rise <= args.max_over_refusal_rise + 1e-12
+            candidates.append((not eligible, round(s["asr_non_en"], 12), frac_s, L, t, s))
+            lines.append(f"| {L} | {t:g} | {frac_h:.2f} | {frac_s:.2f} | {s['en_refusal']:.2f} | {s['asr_non_en']:.3f} | "
+                         f"{s['asr_non_en'] / base_val['asr_non_en'] - 1:+.0%} | {s['over_refusal']:.3f} "
+                         f"({100 * rise:+.1f}){'' if eligible else ' (not eligible)'} |")
+    candidates.sort(key=lambda c: c[:3])
+    not_eligible, _, _, L, t, _ = candidates[0]
+    chosen = probes[L].with_threshold(t)
+    chosen.metadata.update({"chosen_on": "validation", "eligible": not not_eligible})
+    chosen.save(out / "gate.safetensors")
+    lines += ["", f"Chosen on validation: probe layer {L}, threshold {t:g}"
+              + ("" if not not_eligible else " (no gate met the rule: the lowest ASR is shown)") + "."]
+    result = {"variant": variant, "gate": {"layer": L, "threshold": t}, "validation": candidates[0][5]}
+
+    mgsm_on = gate_on(chosen, "mgsm_en_test")
+    lines.append(f"MGSM English test questions gated on: {sum(mgsm_on.values())} of {len(mgsm_on)}.")
+    result["mgsm_en_gated_on"] = [sum(mgsm_on.values()), len(mgsm_on)]
+    if have_test:
+        on_h, on_s = gate_on(chosen, "test_harmful"), gate_on(chosen, "test_harmless")
+        base_h, edit_h = labels["test_harmful"]
+        gated_h = compose(base_h, edit_h, on_h)
+        gated_s = compose(*labels["test_harmless"], on_s)
+        rows = {"base": summary(base_h, labels["test_harmless"][0]),
+                variant: summary(edit_h, labels["test_harmless"][1]),
+                f"{variant} gated": summary(gated_h, gated_s)}
+        n_ids = rows["base"]["per_lang"][ANCHOR]["n"]
+        lines += ["", f"Test ({n_ids} ids per language). Refusal / ASR / invalid in %:", "",
+                  "| lang | " + " | ".join(rows) + " |", "|---" * (len(rows) + 1) + "|"]
+        for lg in rows["base"]["per_lang"]:
+            cells = [" / ".join(f"{100 * r['per_lang'][lg][x]:.0f}" for x in ("refusal", "compliance", "invalid"))
+                     for r in rows.values()]
+            lines.append(f"| {lg} | " + " | ".join(cells) + " |")
+        cells = [f"**{100 * rows['base']['asr_non_en']:.1f}**"]
+        for name, labs in ((variant, edit_h), (f"{variant} gated", gated_h)):
+            rel, lo, hi = paired_interval(base_h, labs)
+            cells.append(f"**{100 * rows[name]['asr_non_en']:.1f}** ({100 * rel:+.0f} % rel. [{100 * lo:+.0f}, {100 * hi:+.0f}])")
+            result.setdefault("test", {})[name] = {**rows[name], "relative_asr": [rel, lo, hi]}
+        result.setdefault("test", {})["base"] = rows["base"]
+        lines.append("| **mean non-en ASR** | " + " | ".join(cells) + " |")
+        cells = []
+        for r in rows.values():
+            n = sum(r["over_n"].values())
+            counts = " ".join(str(r["over_refused"][lg]) for lg in r["over_refused"])
+            cells.append(f"{sum(r['over_refused'].values())} of {n}, {100 * r['over_refusal']:.1f} % ({counts})")
+        lines.append("| over-refusal (" + " ".join(rows["base"]["over_refused"]) + ") | " + " | ".join(cells) + " |")
+        lines.append(f"| harmful / harmless test prompts gated on | — | all | {statistics.fmean(on_h.values()):.2f} / "
+                     f"{statistics.fmean(on_s.values()):.2f} |")
+    else:
+        lines += ["", "No test-stage files yet: validation only."]
+    text = "\n".join(lines)
+    print(text)
+    (out / "gate.md").write_text(text + "\n", encoding="utf-8")
+    (out / "gate.json").write_text(json.dumps(result, indent=1, default=float) + "\n", encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
