@@ -270,21 +270,28 @@ def attach_gate(handle: PatchHandle, gate: ProbeGate) -> GateHandle:
     return gh
 
 
+class _Stop(Exception):
+    """Raised from the last needed layer's hook to end a feature forward early."""
+
+
 def last_token_hidden(model: nn.Module, tokenizer: Any, texts: Sequence[str], layers: Sequence[int], *,
                       batch_size: int = 16, system_prompt: str | None = None,
                       progress: bool = False) -> dict[int, torch.Tensor]:
     """Hidden states after each of ``layers`` at the last prompt token (chat template applied).
 
     Returns ``{layer: (len(texts), d_model)}`` float32 CPU tensors: the features a gate is fitted
-    on and scores. Prompts are left-padded, so the last position is the last prompt token.
+    on and scores (the decoder layer's raw output, what the gate's hook reads). Prompts are
+    left-padded, so the last position is the last prompt token; the forward stops after the last
+    layer asked for.
     """
     from edit_runtime.capture import encode_prompts
 
     n_layers = len(find_decoder_layers(model)[1])
+    if not layers:
+        raise GateError("no layers asked for")
     for layer in layers:
-        if not 0 <= layer < n_layers - 1:
-            # the last layer's hidden_states entry has the final norm applied: not a residual
-            raise GateError(f"layer {layer} out of range 0..{n_layers - 2}")
+        if not 0 <= layer < n_layers:
+            raise GateError(f"layer {layer} out of range 0..{n_layers - 1}")
     ids = encode_prompts(tokenizer, list(texts), system_prompt=system_prompt)
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -294,17 +301,37 @@ def last_token_hidden(model: nn.Module, tokenizer: Any, texts: Sequence[str], la
     if progress:
         from tqdm.auto import tqdm
         batches = tqdm(batches, desc="probe features", unit="batch")
-    with torch.no_grad():
-        for batch in batches:
-            T = max(len(ids[i]) for i in batch)
-            input_ids = torch.full((len(batch), T), pad, dtype=torch.long)
-            attn = torch.zeros((len(batch), T), dtype=torch.long)
-            for row, i in enumerate(batch):
-                input_ids[row, T - len(ids[i]):] = torch.tensor(ids[i])
-                attn[row, T - len(ids[i]):] = 1
-            pos = (attn.cumsum(1) - 1).clamp(min=0)
-            hs = model(input_ids=input_ids.to(device), attention_mask=attn.to(device), position_ids=pos.to(device),
-                       output_hidden_states=True, use_cache=False).hidden_states
-            for layer in layers:
-                out[layer][batch] = hs[layer + 1][:, -1].float().cpu()
+    decoder_layers = find_decoder_layers(model)[1]
+    last_needed = max(layers)
+    current: dict[int, torch.Tensor] = {}
+
+    def keep(layer: int):
+        def hook(module, args, output):
+            hidden = output[0] if isinstance(output, (tuple, list)) else output
+            current[layer] = hidden[:, -1].float().cpu()
+            if layer == last_needed:
+                raise _Stop  # the later layers and the LM head are not needed
+        return hook
+
+    hooks = [decoder_layers[layer].register_forward_hook(keep(layer)) for layer in set(layers)]
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                T = max(len(ids[i]) for i in batch)
+                input_ids = torch.full((len(batch), T), pad, dtype=torch.long)
+                attn = torch.zeros((len(batch), T), dtype=torch.long)
+                for row, i in enumerate(batch):
+                    input_ids[row, T - len(ids[i]):] = torch.tensor(ids[i])
+                    attn[row, T - len(ids[i]):] = 1
+                pos = (attn.cumsum(1) - 1).clamp(min=0)
+                try:
+                    model(input_ids=input_ids.to(device), attention_mask=attn.to(device),
+                          position_ids=pos.to(device), use_cache=False)
+                except _Stop:
+                    pass
+                for layer in layers:
+                    out[layer][batch] = current[layer]
+    finally:
+        for h in hooks:
+            h.remove()
     return out
