@@ -23,7 +23,9 @@ over-refusal is at most ``--max-over-refusal-rise`` above it (ties: fewer harmle
 on). Then the test split is reported per language for base, the ungated delta and the gated one,
 with the paired bootstrap interval of the relative ASR change (unit: a prompt id with all its
 languages, 2000 draws, seed 0), the over-refusal, and how many MGSM English test questions the gate
-turns the edit on for (none: the gated model's MGSM is the base model's, exactly).
+turns the edit on for (none: the gated model's MGSM is the base model's, exactly), and how often it
+fires on prompt sets unlike its training data (AdvBench and HarmBench harmful requests; alpaca
+instructions, English and Chinese).
 
 Writes ``-o/gate.safetensors`` (the chosen gate, :meth:`ProbeGate.load` reads it),
 ``-o/gate.md``, ``-o/gate.json`` and ``-o/features.safetensors`` (the probe features, a cache).
@@ -122,9 +124,42 @@ def features(model, tok, sets: dict[str, list[dict]], layers: list[int], path: P
             print(f"probe features: {name} ({len(rows)} prompts)", flush=True)
             cached[name] = last_token_hidden(model, tok, [r["prompt"] for r in rows], layers,
                                              batch_size=batch_size, progress=True)
-    save_file({f"{n}/{L}": t.contiguous() for n, by in cached.items() for L, t in by.items()}, str(path),
-              metadata={"keys": json.dumps(keys)})
+            # saved after each set, so an interrupted run keeps what it computed
+            save_file({f"{n}/{L}": t.contiguous() for n, by in cached.items() for L, t in by.items()}, str(path),
+                      metadata={"keys": json.dumps({n: keys[n] for n in cached})})
     return cached
+
+
+def verify_exactness(model, tok, delta_path: Path, gate: ProbeGate, texts: list[str], max_new_tokens: int = 32) -> str:
+    """Generates ``texts`` in one batch three ways (base, edited, gated) on the real model and
+    checks that each gated row equals the base or the edited row its gate decision names: the
+    premise of scoring the gated edit from the proof's responses."""
+    from edit_runtime.gate import attach_gate
+    from edit_runtime.generation import generate_responses
+    from edit_runtime.patch import patch_model
+
+    from edit_runtime.capture import encode_prompts
+
+    # longest first, as generate_responses orders a batch, so row i of the batch is texts[i]
+    lengths = [len(x) for x in encode_prompts(tok, texts)]
+    texts = [texts[i] for i in sorted(range(len(texts)), key=lambda i: (-lengths[i], i))]
+    kw = dict(max_new_tokens=max_new_tokens, batch_size=len(texts), progress=False)
+    handle = patch_model(model, str(delta_path))
+    try:
+        with handle.disabled():
+            base = generate_responses(model, tok, texts, **kw)
+        edited = generate_responses(model, tok, texts, **kw)
+        with attach_gate(handle, gate) as gh:
+            gated = generate_responses(model, tok, texts, **kw)
+            decided = gh.last_mask.tolist()
+    finally:
+        handle.remove()
+    ok = [g == (e if on else b) for g, e, b, on in zip(gated, edited, base, decided)]
+    if not all(ok):
+        raise SystemExit(f"gated generation differs from the base/edited one on rows {[i for i, x in enumerate(ok) if not x]}")
+    return (f"Exactness check on the real model: {len(texts)} validation prompts in one batch, gated rows equal "
+            f"the edited ({sum(decided)}) or the base ({len(decided) - sum(decided)}) model's {max_new_tokens}-token "
+            "responses, every one.")
 
 
 def _rows(prompts) -> list[dict]:
@@ -139,6 +174,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--thresholds", default="-1,0,1,2,3", help="probe thresholds to try")
     ap.add_argument("--max-over-refusal-rise", type=float, default=0.02)
     ap.add_argument("--l2", type=float, default=1e-2)
+    ap.add_argument("--verify", type=int, default=4,
+                    help="generate this many validation harmful and harmless prompts with the chosen gate "
+                         "attached, in one batch, and check each row equals the base or the edited model's "
+                         "(0: skip)")
+    ap.add_argument("--ood-limit", type=int, default=100, help="alpaca test ids per language (en, zh)")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("-o", "--output", type=Path, default=None, help="default PROOF_DIR/gate")
@@ -173,7 +213,11 @@ def main(argv: list[str] | None = None) -> int:
     fit_langs = [ANCHOR] + [lg for lg in proof["fit_langs"] if lg != ANCHOR]
     sets = {"train_harmful": _rows(load_prompts("multijail", langs=fit_langs, split="train", label="harmful")),
             "train_harmless": _rows(load_prompts("builtin:harmless", split="train", label="harmless")),
-            "mgsm_en_test": _rows(load_prompts("mgsm", langs=["en"], split="test"))}
+            "mgsm_en_test": _rows(load_prompts("mgsm", langs=["en"], split="test")),
+            # out of the probe's training distribution: other harmful sets, other harmless requests
+            "ood_advbench": _rows(load_prompts("advbench", split="test")),
+            "ood_harmbench": _rows(load_prompts("harmbench", split="test")),
+            "ood_alpaca": _rows(load_prompts("alpaca", split="test", limit=args.ood_limit))}
     for name, pair in responses.items():
         sets[name] = sorted({(r["id"], r["lang"]): {k: r[k] for k in ("id", "lang", "prompt")}
                              for r in pair[0]}.values(), key=lambda r: (r["id"], r["lang"]))
@@ -218,9 +262,19 @@ def main(argv: list[str] | None = None) -> int:
               + ("" if not not_eligible else " (no gate met the rule: the lowest ASR is shown)") + "."]
     result = {"variant": variant, "gate": {"layer": L, "threshold": t}, "validation": candidates[0][5]}
 
-    mgsm_on = gate_on(chosen, "mgsm_en_test")
-    lines.append(f"MGSM English test questions gated on: {sum(mgsm_on.values())} of {len(mgsm_on)}.")
-    result["mgsm_en_gated_on"] = [sum(mgsm_on.values()), len(mgsm_on)]
+    if args.verify:
+        lines += ["", verify_exactness(model, tok, root / "deltas" / f"{variant}.safetensors", chosen,
+                                       [r["prompt"] for r in sets["val_harmful"][:args.verify]]
+                                       + [r["prompt"] for r in sets["val_harmless"][:args.verify]])]
+    lines += ["", "Gated on, other prompt sets (the probe never saw their kind):", "",
+              "| set | kind | gated on |", "|---|---|---|"]
+    for name, kind in (("mgsm_en_test", "harmless: MGSM English test questions"),
+                       ("ood_alpaca", "harmless: alpaca instructions, en and zh (test split)"),
+                       ("ood_advbench", "harmful: AdvBench (test split, en)"),
+                       ("ood_harmbench", "harmful: HarmBench (test split, en)")):
+        on = gate_on(chosen, name)
+        lines.append(f"| {name} | {kind} | {sum(on.values())} of {len(on)} ({statistics.fmean(on.values()):.0%}) |")
+        result.setdefault("gated_on", {})[name] = [sum(on.values()), len(on)]
     if have_test:
         on_h, on_s = gate_on(chosen, "test_harmful"), gate_on(chosen, "test_harmless")
         base_h, edit_h = labels["test_harmful"]
