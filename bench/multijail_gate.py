@@ -6,8 +6,11 @@
 ``PROOF_DIR`` is a folder of ``bench/multijail_proof.py`` that ran the sweep (the validation
 rows, ``--val-limit`` ids) and the test stage (``--test-variants base,best``). The gate
 (:mod:`edit_runtime.gate`) is a logistic probe on the base model's residual stream after one
-decoder layer, at the last prompt token, fitted on the proof's train split: MultiJail harmful
-prompts of the fit languages plus English against the built-in harmless train prompts.
+decoder layer, at the last prompt token, fitted on train splits only: MultiJail harmful prompts
+of the fit languages plus English and AdvBench, against the built-in harmless prompts, alpaca
+instructions (300, en and zh) and MGSM questions (20 per language). A probe fitted on MultiJail
+against the built-in set alone learned MultiJail's style instead of harm: it fired on all 86 MGSM
+English test questions and on 28 % of HarmBench.
 
 How the gated edit is scored. The gate decides per sequence inside the prefill, before the
 edited layer runs, so a gated-on prompt gets exactly the edited model's response and a gated-off
@@ -24,8 +27,8 @@ on). Then the test split is reported per language for base, the ungated delta an
 with the paired bootstrap interval of the relative ASR change (unit: a prompt id with all its
 languages, 2000 draws, seed 0), the over-refusal, and how many MGSM English test questions the gate
 turns the edit on for (none: the gated model's MGSM is the base model's, exactly), and how often it
-fires on prompt sets unlike its training data (AdvBench and HarmBench harmful requests; alpaca
-instructions, English and Chinese).
+fires on other prompt sets: HarmBench (a source it never saw) and the test splits of AdvBench,
+alpaca and MGSM.
 
 Writes ``-o/gate.safetensors`` (the chosen gate, :meth:`ProbeGate.load` reads it),
 ``-o/gate.md``, ``-o/gate.json`` and ``-o/features.safetensors`` (the probe features, a cache).
@@ -211,8 +214,16 @@ def main(argv: list[str] | None = None) -> int:
 
     model, tok = load_model(proof["model"])
     fit_langs = [ANCHOR] + [lg for lg in proof["fit_langs"] if lg != ANCHOR]
+    # The probe's training data, train splits only. MultiJail alone against the built-in harmless
+    # set teaches a detector of MultiJail's style (it fired on every MGSM question and on 28 % of
+    # HarmBench), so each side gets a second source: AdvBench harmful requests, alpaca and MGSM
+    # harmless ones. HarmBench stays out: the check of a source the probe never saw.
     sets = {"train_harmful": _rows(load_prompts("multijail", langs=fit_langs, split="train", label="harmful")),
+            "train_harmful_advbench": _rows(load_prompts("advbench", split="train")),
             "train_harmless": _rows(load_prompts("builtin:harmless", split="train", label="harmless")),
+            "train_harmless_alpaca": _rows(load_prompts("alpaca", split="train", limit=300)),
+            "train_harmless_mgsm": _rows(load_prompts("mgsm", langs=["en", "zh", "th", "bn", "sw"], split="train",
+                                                      limit=20)),
             "mgsm_en_test": _rows(load_prompts("mgsm", langs=["en"], split="test")),
             # out of the probe's training distribution: other harmful sets, other harmless requests
             "ood_advbench": _rows(load_prompts("advbench", split="test")),
@@ -228,9 +239,13 @@ def main(argv: list[str] | None = None) -> int:
         scores = gate.score(feats[name][gate.layer])
         return {k: bool(s > gate.threshold) for k, s in zip(keys[name], scores.tolist())}
 
-    probes = {L: fit_probe_gate(feats["train_harmful"][L], feats["train_harmless"][L], L, l2=args.l2,
-                                metadata={"delta": variant, "train": "multijail train " + ",".join(fit_langs)
-                                          + " vs builtin:harmless train"}) for L in layers}
+    train_h = [n for n in sets if n.startswith("train_harmful")]
+    train_s = [n for n in sets if n.startswith("train_harmless")]
+    probes = {L: fit_probe_gate(torch.cat([feats[n][L] for n in train_h]), torch.cat([feats[n][L] for n in train_s]),
+                                L, l2=args.l2,
+                                metadata={"delta": variant, "harmful": f"multijail train ({','.join(fit_langs)}), "
+                                          "advbench train", "harmless": "builtin:harmless train, alpaca train "
+                                          "(300 ids), mgsm train (20 ids: en zh th bn sw)"}) for L in layers}
     base_val = summary(labels["val_harmful"][0], labels["val_harmless"][0])
     edit_val = summary(labels["val_harmful"][1], labels["val_harmless"][1])
     lines = [f"# Probe-gated {variant}", "",
@@ -266,7 +281,8 @@ def main(argv: list[str] | None = None) -> int:
         lines += ["", verify_exactness(model, tok, root / "deltas" / f"{variant}.safetensors", chosen,
                                        [r["prompt"] for r in sets["val_harmful"][:args.verify]]
                                        + [r["prompt"] for r in sets["val_harmless"][:args.verify]])]
-    lines += ["", "Gated on, other prompt sets (the probe never saw their kind):", "",
+    lines += ["", "Gated on, other prompt sets (HarmBench: a source the probe never saw; the others: "
+              "held-out ids of its training sources):", "",
               "| set | kind | gated on |", "|---|---|---|"]
     for name, kind in (("mgsm_en_test", "harmless: MGSM English test questions"),
                        ("ood_alpaca", "harmless: alpaca instructions, en and zh (test split)"),
