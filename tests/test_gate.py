@@ -178,10 +178,18 @@ def test_real_smollm2_gate_fitted_on_prompts(smollm2):
     layer = 6
     feats_h = last_token_hidden(model, tok, harmful, [layer])[layer]
     feats_s = last_token_hidden(model, tok, harmless, [layer])[layer]
-    # padding-free reference for one prompt
+    # padding-free reference for one prompt: the layer's output read by a temporary hook (not
+    # output_hidden_states: transformers then leaves capture hooks on the shared model)
     seq = torch.tensor([encode_prompts(tok, [harmful[3]])[0]])
-    with torch.no_grad():
-        ref = model(input_ids=seq, output_hidden_states=True).hidden_states[layer + 1][0, -1]
+    seen = []
+    hook = model.model.layers[layer].register_forward_hook(
+        lambda m, a, out: seen.append((out[0] if isinstance(out, tuple) else out)[0, -1].clone()))
+    try:
+        with torch.no_grad():
+            model(input_ids=seq)
+    finally:
+        hook.remove()
+    ref = seen[0]
     torch.testing.assert_close(feats_h[3], ref, rtol=1e-4, atol=1e-4)
     gate = fit_probe_gate(feats_h, feats_s, layer=layer)
     held_h = last_token_hidden(model, tok, held_harmful, [layer])[layer]
@@ -211,3 +219,4 @@ def test_real_smollm2_gate_fitted_on_prompts(smollm2):
             assert gated[row].tolist() == (edited if on else base)[row].tolist()
     finally:
         handle.remove()
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules()), "a hook was left behind"
