@@ -270,10 +270,6 @@ def attach_gate(handle: PatchHandle, gate: ProbeGate) -> GateHandle:
     return gh
 
 
-class _Stop(Exception):
-    """Raised from the last needed layer's hook to end a feature forward early."""
-
-
 def last_token_hidden(model: nn.Module, tokenizer: Any, texts: Sequence[str], layers: Sequence[int], *,
                       batch_size: int = 16, system_prompt: str | None = None,
                       progress: bool = False) -> dict[int, torch.Tensor]:
@@ -282,26 +278,24 @@ def last_token_hidden(model: nn.Module, tokenizer: Any, texts: Sequence[str], la
     Returns ``{layer: (len(texts), d_model)}`` float32 CPU tensors: the features a gate is fitted
     on and scores (the decoder layer's raw output, what the gate's hook reads). Prompts are
     left-padded, so the last position is the last prompt token; the forward stops after the last
-    layer asked for.
+    layer asked for. Batching and padding are the capture's (:mod:`edit_runtime.capture`).
     """
-    from edit_runtime.capture import encode_prompts
+    from edit_runtime.capture import _input_device, _make_batch, _pad_id, _StopForward, encode_prompts
 
-    n_layers = len(find_decoder_layers(model)[1])
+    decoder_layers = find_decoder_layers(model)[1]
     if not layers:
         raise GateError("no layers asked for")
     for layer in layers:
-        if not 0 <= layer < n_layers:
-            raise GateError(f"layer {layer} out of range 0..{n_layers - 1}")
+        if not 0 <= layer < len(decoder_layers):
+            raise GateError(f"layer {layer} out of range 0..{len(decoder_layers) - 1}")
     ids = encode_prompts(tokenizer, list(texts), system_prompt=system_prompt)
-    device = next(model.parameters()).device
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    device, pad_id = _input_device(model), _pad_id(tokenizer)
     out = {layer: torch.empty(len(ids), model.config.hidden_size) for layer in layers}
     order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     if progress:
         from tqdm.auto import tqdm
         batches = tqdm(batches, desc="probe features", unit="batch")
-    decoder_layers = find_decoder_layers(model)[1]
     last_needed = max(layers)
     current: dict[int, torch.Tensor] = {}
 
@@ -310,24 +304,18 @@ def last_token_hidden(model: nn.Module, tokenizer: Any, texts: Sequence[str], la
             hidden = output[0] if isinstance(output, (tuple, list)) else output
             current[layer] = hidden[:, -1].float().cpu()
             if layer == last_needed:
-                raise _Stop  # the later layers and the LM head are not needed
+                raise _StopForward  # the later layers and the LM head are not needed
         return hook
 
     hooks = [decoder_layers[layer].register_forward_hook(keep(layer)) for layer in set(layers)]
     try:
         with torch.no_grad():
             for batch in batches:
-                T = max(len(ids[i]) for i in batch)
-                input_ids = torch.full((len(batch), T), pad, dtype=torch.long)
-                attn = torch.zeros((len(batch), T), dtype=torch.long)
-                for row, i in enumerate(batch):
-                    input_ids[row, T - len(ids[i]):] = torch.tensor(ids[i])
-                    attn[row, T - len(ids[i]):] = 1
-                pos = (attn.cumsum(1) - 1).clamp(min=0)
+                b = _make_batch([ids[i] for i in batch], pad_id=pad_id, side="left", device=device)
                 try:
-                    model(input_ids=input_ids.to(device), attention_mask=attn.to(device),
-                          position_ids=pos.to(device), use_cache=False)
-                except _Stop:
+                    model(input_ids=b.input_ids, attention_mask=b.attention_mask, position_ids=b.position_ids,
+                          use_cache=False)
+                except _StopForward:
                     pass
                 for layer in layers:
                     out[layer][batch] = current[layer]
