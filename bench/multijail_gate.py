@@ -51,6 +51,9 @@ from edit_runtime.gate import ProbeGate, fit_probe_gate, last_token_hidden
 from edit_runtime.judge import KeywordJudge
 from edit_runtime.models import load_model
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling bench script below
+from multijail_pool import relative_change_interval  # noqa: E402
+
 ANCHOR = "en"
 
 
@@ -98,16 +101,13 @@ def summary(harmful: dict, harmless: dict) -> dict:
 
 
 def paired_interval(base: dict, other: dict, boot: int = 2000) -> tuple[float, float, float]:
-    """Relative change of the mean non-English ASR and its paired bootstrap 95 % interval."""
+    """Relative change of the mean non-English ASR and its paired bootstrap 95 % interval
+    (:func:`multijail_pool.relative_change_interval` on the ids every language has)."""
     langs = sorted({lg for _, lg in base if lg != ANCHOR})
     ids = sorted({i for i, lg in base if all((i, x) in base and (i, x) in other for x in langs)})
     b = np.array([[base[(i, lg)] == "compliance" for lg in langs] for i in ids], dtype=float)
     o = np.array([[other[(i, lg)] == "compliance" for lg in langs] for i in ids], dtype=float)
-    draws = np.random.default_rng(0).integers(0, len(ids), size=(boot, len(ids)))
-    rel = o.mean() / b.mean() - 1
-    samples = np.array([o[d].mean() / b[d].mean() - 1 for d in draws])
-    lo, hi = np.quantile(samples, [0.025, 0.975])
-    return float(rel), float(lo), float(hi)
+    return relative_change_interval(b, o, boot=boot)
 
 
 def features(model, tok, sets: dict[str, list[dict]], layers: list[int], path: Path, batch_size: int) -> dict:

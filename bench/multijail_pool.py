@@ -84,6 +84,17 @@ def common_ids(runs: dict[str, dict[tuple[str, str], str]], langs: list[str]) ->
     return sorted(ids or ())
 
 
+def relative_change_interval(base: np.ndarray, other: np.ndarray, *, boot: int = 2000,
+                             seed: int = 0) -> tuple[float, float, float]:
+    """Relative change of ``other``'s mean against ``base``'s and its paired bootstrap 95 %
+    interval. ``base``, ``other``: ``(ids, langs)`` 0/1 (e.g. compliance), rows aligned; the
+    resampling unit is a row, a prompt id with all its languages. Same seed, same draws."""
+    draws = np.random.default_rng(seed).integers(0, len(base), size=(boot, len(base)))
+    samples = other[draws].mean(axis=(1, 2)) / base[draws].mean(axis=(1, 2)) - 1
+    lo, hi = np.quantile(samples, [0.025, 0.975])
+    return float(other.mean() / base.mean() - 1), float(lo), float(hi)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("runs", nargs="+", type=Path, help="proof output folders")
@@ -118,22 +129,13 @@ def main(argv: list[str] | None = None) -> int:
             cells.append(f"{r:.0f} / {c:.0f} / {x:.0f}")
         lines.append(f"| {lg} | " + " | ".join(cells) + " |")
 
-    def mean_asr(c: np.ndarray, rows: np.ndarray) -> float:
-        return float(c[rows][:, low, 1].mean())
-
-    rng = np.random.default_rng(0)
-    draws = rng.integers(0, len(ids), size=(args.boot, len(ids)))
-    all_rows = np.arange(len(ids))
-    base_boot = np.array([mean_asr(counts["base"], d) for d in draws])
     cells = []
     for v in order:
-        point = mean_asr(counts[v], all_rows)
+        point = float(counts[v][:, low, 1].mean())
         if v == "base":
             cells.append(f"**{100 * point:.1f}**")
             continue
-        rel = point / mean_asr(counts["base"], all_rows) - 1
-        boot = np.array([mean_asr(counts[v], d) for d in draws]) / base_boot - 1
-        lo, hi = np.quantile(boot, [0.025, 0.975])
+        rel, lo, hi = relative_change_interval(counts["base"][:, low, 1], counts[v][:, low, 1], boot=args.boot)
         cells.append(f"**{100 * point:.1f}** ({100 * rel:+.0f} % rel. [{100 * lo:+.0f}, {100 * hi:+.0f}])")
     lines.append("| **mean non-" + args.anchor + " ASR** | " + " | ".join(cells) + " |")
     text = "\n".join(lines)
