@@ -10,8 +10,9 @@ per-sequence row mask (:meth:`edit_runtime.patch.PatchHandle.set_row_mask`).
 The decision is taken inside the prefill forward: a hook on decoder layer ``layer`` sets the mask
 before the edited layers run, so the gate layer must come before every edited layer. A gated-on
 sequence is then exactly the edited model's (every token, prompt included, goes through the
-edit) and a gated-off one exactly the base model's. Decode steps (one new token per sequence)
-keep the prefill's decision, so ``model.generate`` needs nothing else.
+edit) and a gated-off one exactly the base model's. A forward whose KV cache already holds
+tokens is a decode step and keeps the prefill's decision, so ``model.generate`` needs nothing
+else; a forward without a cache, or with an empty one, is a prefill (a one-token prompt too).
 
 Usage::
 
@@ -21,6 +22,11 @@ Usage::
         out = model.generate(**batch)              # the edit on only where the probe fires
 
 The gate owns the handle's row mask while attached; do not set one by hand at the same time.
+To combine it with a per-request mask (the server: only the rows that asked for the edit), set
+:attr:`GateHandle.allowed` before the prefill: the decision is ANDed with it.
+
+:class:`GatedDelta` pairs a delta with its gate: :func:`edit_runtime.evaluate.evaluate` takes one as
+a variant and the server (``edit-runtime serve --gate NAME=PATH``) serves one per request.
 """
 from __future__ import annotations
 
@@ -34,6 +40,7 @@ import torch
 from torch import nn
 
 from edit_runtime.arch import find_decoder_layers
+from edit_runtime.delta import SparseDelta
 from edit_runtime.patch import PatchError, PatchHandle
 
 GATE_FORMAT = "edit_runtime.probe_gate/1"
@@ -181,9 +188,9 @@ def fit_probe_gate(harmful: torch.Tensor, harmless: torch.Tensor, layer: int, *,
 
 
 # ----------------------------------------------------------------------------------- runtime
-def _edited_layers(handle: PatchHandle, prefix: str) -> list[int]:
+def _edited_layers(module_paths: Sequence[str], prefix: str) -> list[int]:
     layers = []
-    for path in handle.modules:
+    for path in module_paths:
         if not path.startswith(prefix + "."):
             raise GateError(f"edited module {path!r} is not inside the decoder layers ({prefix!r}): "
                             "a gate cannot order itself before it")
@@ -191,16 +198,84 @@ def _edited_layers(handle: PatchHandle, prefix: str) -> list[int]:
     return layers
 
 
+def check_gate(model: nn.Module, module_paths: Sequence[str], gate: "ProbeGate") -> None:
+    """Raises :class:`GateError` unless ``gate`` can gate an edit of ``module_paths`` on ``model``:
+    the hidden size is the gate's, the gate layer exists and comes before every edited layer.
+    Hooks nothing; :func:`attach_gate` runs the same checks."""
+    prefix, layers = find_decoder_layers(model)
+    hidden = getattr(getattr(model, "config", None), "hidden_size", None)
+    if hidden is not None and hidden != gate.d_model:
+        raise GateError(f"the gate expects hidden size {gate.d_model}, the model has {hidden}")
+    if gate.layer >= len(layers):
+        raise GateError(f"gate layer {gate.layer} does not exist: the model has {len(layers)} decoder layers")
+    edited = _edited_layers(module_paths, prefix)
+    if not edited:
+        raise GateError("the edit touches no module: nothing to gate")
+    if min(edited) <= gate.layer:
+        raise GateError(f"gate layer {gate.layer} must come before every edited layer (edited: "
+                        f"{sorted(set(edited))}): the decision is taken before the edit runs")
+
+
+@dataclass(frozen=True)
+class GatedDelta:
+    """A delta that is applied only where its probe gate fires: a variant for
+    :func:`edit_runtime.evaluate.evaluate` and a served edit (``ServingEngine(gates=...)``).
+
+    Args:
+        delta: the edit (:class:`~edit_runtime.delta.SparseDelta`).
+        gate: the :class:`ProbeGate` that turns it on per sequence.
+    """
+
+    delta: SparseDelta
+    gate: "ProbeGate"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.delta, SparseDelta):
+            raise TypeError(f"GatedDelta.delta must be a SparseDelta, got {type(self.delta).__name__}")
+        if not isinstance(self.gate, ProbeGate):
+            raise TypeError(f"GatedDelta.gate must be a ProbeGate, got {type(self.gate).__name__}")
+
+    @classmethod
+    def load(cls, delta_path: str | Path, gate_path: str | Path) -> "GatedDelta":
+        """Reads a delta file and a gate file (:meth:`SparseDelta.load`, :meth:`ProbeGate.load`)."""
+        return cls(SparseDelta.load(delta_path), ProbeGate.load(gate_path))
+
+    def check(self, model: nn.Module) -> None:
+        """:func:`check_gate` for this delta's modules on ``model`` (hooks nothing)."""
+        check_gate(model, [e.module for e in self.delta.edits], self.gate)
+
+
+def _cache_length(kwargs: dict) -> int | None:
+    """Tokens already in the forward's KV cache (0: none or empty), ``None`` if unknown."""
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    if cache is None:
+        return 0
+    get = getattr(cache, "get_seq_length", None)
+    if get is None:
+        return None
+    try:
+        return int(get())
+    except Exception:  # noqa: BLE001 - a cache type we cannot read: fall back to the width rule
+        return None
+
+
 class GateHandle:
     """An attached :class:`ProbeGate`; ``remove()`` (or leaving the ``with`` block) detaches it
     and clears the patch's row mask. ``last_scores`` / ``last_mask`` hold the latest prefill's
-    ``(B,)`` scores and decisions (CPU)."""
+    ``(B,)`` scores and decisions (CPU).
+
+    ``allowed``: an optional ``(B,)`` bool mask of the rows the gate may turn the edit on for
+    (ANDed with the probe's decision at the next prefills; ``None``: every row). The server sets
+    it to the rows whose request asked for the edit.
+    """
 
     def __init__(self, handle: PatchHandle, gate: ProbeGate):
         self.handle, self.gate = handle, gate
         self.last_scores: torch.Tensor | None = None
         self.last_mask: torch.Tensor | None = None
+        self.allowed: torch.Tensor | Sequence[bool] | None = None
         self._attention_mask: torch.Tensor | None = None
+        self._prefill = True
         self._hooks: list[Any] = []
 
     def __enter__(self) -> "GateHandle":
@@ -220,24 +295,37 @@ class GateHandle:
         if not self.handle.removed:
             self.handle.clear_row_mask()
 
-    def _remember_mask(self, module, args, kwargs) -> None:
+    def _remember_inputs(self, module, args, kwargs) -> None:
         self._attention_mask = kwargs.get("attention_mask")
+        past = _cache_length(kwargs)
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        width = ids.shape[-1] if isinstance(ids, torch.Tensor) and ids.dim() == 2 else None
+        # an empty (or no) cache is a prefill, whatever its width; an unreadable cache falls back
+        # to "more than one new token"
+        self._prefill = past == 0 if past is not None else (width is None or width > 1)
 
     def _decide(self, module, args, output) -> None:
-        hidden = output[0] if isinstance(output, (tuple, list)) else output
-        if hidden.dim() != 3 or hidden.shape[1] <= 1:
+        if not self._prefill:
             return  # a decode step: the prefill's decision holds
-        T = hidden.shape[1]
+        hidden = output[0] if isinstance(output, (tuple, list)) else output
+        if hidden.dim() != 3:
+            return
+        B, T = hidden.shape[:2]
         mask = self._attention_mask
-        if isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[0] == hidden.shape[0] and mask.shape[1] >= T:
+        if isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[0] == B and mask.shape[1] >= T:
             # last real token of each row, left or right padding alike
             m = mask[:, -T:].to(torch.int64)
             last = (T - 1) - m.flip(1).argmax(1)
         else:
-            last = torch.full((hidden.shape[0],), T - 1, dtype=torch.int64, device=hidden.device)
-        rows = torch.arange(hidden.shape[0], device=hidden.device)
+            last = torch.full((B,), T - 1, dtype=torch.int64, device=hidden.device)
+        rows = torch.arange(B, device=hidden.device)
         scores = self.gate.score(hidden[rows, last.to(hidden.device)].detach())
         decision = scores > self.gate.threshold
+        if self.allowed is not None:
+            allowed = torch.as_tensor(self.allowed, dtype=torch.bool, device=decision.device)
+            if allowed.shape != decision.shape:
+                raise GateError(f"GateHandle.allowed has shape {tuple(allowed.shape)}, the batch has {B} rows")
+            decision = decision & allowed
         self.handle.set_row_mask(decision)
         self.last_scores, self.last_mask = scores.cpu(), decision.cpu()
 
@@ -246,26 +334,18 @@ def attach_gate(handle: PatchHandle, gate: ProbeGate) -> GateHandle:
     """Gates ``handle``'s edit per sequence with ``gate`` (see the module docstring).
 
     Checked before anything is hooked (:class:`GateError` otherwise): the handle is live and not
-    merged, the model's hidden size is the gate's, the gate layer exists and comes before every
-    edited layer.
+    merged, and :func:`check_gate` (hidden size, gate layer exists and comes before every edited
+    layer).
     """
     if handle.removed:
         raise GateError(f"{handle!r} was removed; patch the model again")
     if handle.merged:
         raise GateError(f"{handle!r} is merged into the weights: a merged edit cannot be gated per sequence")
     model = handle.model
-    prefix, layers = find_decoder_layers(model)
-    hidden = getattr(getattr(model, "config", None), "hidden_size", None)
-    if hidden is not None and hidden != gate.d_model:
-        raise GateError(f"the gate expects hidden size {gate.d_model}, the model has {hidden}")
-    if gate.layer >= len(layers):
-        raise GateError(f"gate layer {gate.layer} does not exist: the model has {len(layers)} decoder layers")
-    edited = _edited_layers(handle, prefix)
-    if min(edited) <= gate.layer:
-        raise GateError(f"gate layer {gate.layer} must come before every edited layer (edited: "
-                        f"{sorted(set(edited))}): the decision is taken before the edit runs")
+    check_gate(model, list(handle.modules), gate)
+    layers = find_decoder_layers(model)[1]
     gh = GateHandle(handle, gate)
-    gh._hooks.append(model.register_forward_pre_hook(gh._remember_mask, with_kwargs=True))
+    gh._hooks.append(model.register_forward_pre_hook(gh._remember_inputs, with_kwargs=True))
     gh._hooks.append(layers[gate.layer].register_forward_hook(gh._decide))
     return gh
 

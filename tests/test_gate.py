@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from delta_helpers import random_delta
-from edit_runtime.gate import GateError, ProbeGate, attach_gate, fit_probe_gate, last_token_hidden
+from edit_runtime.gate import (GatedDelta, GateError, ProbeGate, attach_gate, check_gate, fit_probe_gate,
+                               last_token_hidden)
 from edit_runtime.patch import patch_model
 from tiny_models import HIDDEN, make_tiny_model, tiny_input_ids
 
@@ -108,6 +109,74 @@ def test_gate_reads_the_last_real_token_under_left_padding_and_holds_for_decode(
     for row in range(3):
         assert got[row, -6:].tolist() == want[row][0, -6:].tolist()
     handle.remove()
+
+
+def test_one_token_prompts_are_decided_and_a_smaller_batch_follows(model):
+    """A one-token prompt is a prefill too (its cache is empty): the gate decides it, and a new
+    batch of another size does not inherit the previous forward's mask."""
+    handle = patch_model(model, random_delta(model, EDIT_LAYER, magnitude=1.0))
+    wide = tiny_input_ids(batch=3, length=5, seed=2)
+    single = tiny_input_ids(batch=2, length=1, seed=4)
+    gate = _splitting_gate(model, single, on=(1,))
+
+    def greedy(ids, rows, edit_on):
+        with (handle.enabled_ctx() if edit_on else handle.disabled()):
+            return model.generate(input_ids=ids[rows], attention_mask=torch.ones_like(ids[rows]), max_new_tokens=5,
+                                  do_sample=False, pad_token_id=0)
+
+    want = [greedy(single, [0], False), greedy(single, [1], True)]
+    with attach_gate(handle, gate) as gh:
+        model.generate(input_ids=wide, attention_mask=torch.ones_like(wide), max_new_tokens=3, do_sample=False,
+                       pad_token_id=0)
+        assert len(gh.last_mask) == 3
+        got = model.generate(input_ids=single, attention_mask=torch.ones_like(single), max_new_tokens=5,
+                             do_sample=False, pad_token_id=0)
+        assert gh.last_mask.tolist() == [False, True]
+    for row in range(2):
+        assert got[row].tolist() == want[row][0].tolist()
+    handle.remove()
+
+
+def test_allowed_rows_are_anded_with_the_decision(model):
+    """GateHandle.allowed (the server's "this request asked for the edit") limits the probe's
+    decision: a row is edited only if both hold; a wrong-sized mask is refused."""
+    ids = tiny_input_ids(batch=4, length=6)
+    base = _logits(model, ids)
+    gate = _splitting_gate(model, ids, on=(0, 2))
+    handle = patch_model(model, random_delta(model, EDIT_LAYER, magnitude=1.0))
+    edited = _logits(model, ids)
+    with attach_gate(handle, gate) as gh:
+        gh.allowed = [True, True, False, False]
+        gated = _logits(model, ids)
+        assert gh.last_mask.tolist() == [True, False, False, False]
+        assert gh.last_scores[2] > 0, "row 2's probe fires; only allowed keeps the edit off"
+        gh.allowed = [True]
+        with pytest.raises(GateError, match="allowed has shape"):
+            _logits(model, ids)
+    torch.testing.assert_close(gated[0], edited[0], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(gated[1:], base[1:], rtol=1e-6, atol=1e-6)
+    handle.remove()
+
+
+def test_gated_delta_checks_without_hooking(model, tmp_path):
+    delta = random_delta(model, EDIT_LAYER)
+    GatedDelta(delta, ProbeGate(GATE_LAYER, torch.randn(HIDDEN), 0.0)).check(model)
+    with pytest.raises(GateError, match="must come before every edited layer"):
+        GatedDelta(delta, ProbeGate(EDIT_LAYER, torch.randn(HIDDEN), 0.0)).check(model)
+    with pytest.raises(GateError, match="hidden size"):
+        check_gate(model, [e.module for e in delta.edits], ProbeGate(GATE_LAYER, torch.randn(8), 0.0))
+    with pytest.raises(GateError, match="touches no module"):
+        check_gate(model, [], ProbeGate(GATE_LAYER, torch.randn(HIDDEN), 0.0))
+    with pytest.raises(TypeError, match="must be a ProbeGate"):
+        GatedDelta(delta, "gate.safetensors")
+    with pytest.raises(TypeError, match="must be a SparseDelta"):
+        GatedDelta(None, ProbeGate(GATE_LAYER, torch.randn(HIDDEN), 0.0))
+    # load() reads both files
+    delta.save(tmp_path / "d.safetensors")
+    ProbeGate(GATE_LAYER, torch.randn(HIDDEN), 0.0, threshold=0.5).save(tmp_path / "g.safetensors")
+    both = GatedDelta.load(tmp_path / "d.safetensors", tmp_path / "g.safetensors")
+    assert both.gate.threshold == 0.5 and [e.module for e in both.delta.edits] == [e.module for e in delta.edits]
+    assert not model._forward_pre_hooks and not any(layer._forward_hooks for layer in model.model.layers)
 
 
 def test_bad_gates_are_refused_and_nothing_is_hooked(model):
