@@ -227,22 +227,31 @@ def delta_digest(delta: Any) -> str:
 
 
 def _load_variant(name: str, spec: Any) -> tuple[Any, dict[str, Any] | None]:
+    """``(SparseDelta | GatedDelta | None, description)`` of a variant spec."""
     from edit_runtime.delta import SparseDelta
+    from edit_runtime.gate import GatedDelta
 
     if spec is None:
         return None, None
+    gate = None
     if isinstance(spec, (str, Path)):
         delta = SparseDelta.load(spec)
         path: str | None = str(spec)
     elif isinstance(spec, SparseDelta):
         delta, path = spec, None
+    elif isinstance(spec, GatedDelta):
+        delta, gate, path = spec.delta, spec.gate, None
     else:
-        raise TypeError(f"variant {name!r}: expected a SparseDelta, a path or None, got "
+        raise TypeError(f"variant {name!r}: expected a SparseDelta, a GatedDelta, a path or None, got "
                         f"{type(spec).__name__}")
     desc = {"path": path, "digest": delta_digest(delta), "metadata": delta.metadata,
             "edits": [{"module": e.module, "side": e.side, "neurons": e.num_neurons,
                        "rank": e.rank, "scale": e.scale is not None} for e in delta.edits]}
-    return delta, desc
+    if gate is not None:
+        desc["gate"] = {"layer": gate.layer, "threshold": gate.threshold, "bias": gate.bias,
+                        "weight_sha256": hashlib.sha256(gate.weight.numpy().tobytes()).hexdigest(),
+                        "metadata": gate.metadata}
+    return spec if gate is not None else delta, desc
 
 
 def _dataset_info(prompts: Sequence[Any]) -> dict[str, Any]:
@@ -339,7 +348,7 @@ def paired_flips(base_records: Sequence[Mapping[str, Any]], var_records: Sequenc
 
 def _utility(model: Any, tokenizer: Any, opts: UtilityOptions, handle: Any, judge: Any,
              batch_size: int, progress: bool, *, responses_path: Path | None = None,
-             variant: str = "base", extra: Mapping[str, Any] | None = None
+             variant: str = "base", extra: Mapping[str, Any] | None = None, gated: bool = False
              ) -> tuple[dict[str, dict], dict[str, float]]:
     from edit_runtime import utility as U
 
@@ -362,6 +371,10 @@ def _utility(model: Any, tokenizer: Any, opts: UtilityOptions, handle: Any, judg
                                              responses_path=responses_path, variant=variant, extra=extra)
         secs["over_refusal"], t = time.perf_counter() - t, time.perf_counter()
     if handle is not None and opts.kl_prompts is not None:
+        if gated:
+            # the gate re-decides the row mask in every prefill forward (KL's two passes included);
+            # the mask the previous forward left would only fix the batch size
+            handle.clear_row_mask()
         res["kl"] = U.next_token_kl(model, tokenizer, opts.kl_prompts, handle,
                                     batch_size=batch_size, progress=progress)
         secs["kl"] = time.perf_counter() - t
@@ -380,8 +393,10 @@ def evaluate(model: Any, tokenizer: Any, prompts: Sequence[Any], *,
     Args:
         model, tokenizer: a loaded chat model (unpatched by this call's variants).
         prompts: harmful :class:`edit_runtime.data.Prompt` records (all languages together).
-        variants: ``{name: SparseDelta | path | None}`` in report order; default
-            ``{"base": None}``. Names become file names (letters, digits, ``_ . + = -``).
+        variants: ``{name: SparseDelta | GatedDelta | path | None}`` in report order; default
+            ``{"base": None}``. A :class:`edit_runtime.gate.GatedDelta` is patched with its gate
+            attached: each prompt gets the edit only where the probe fires (generation, MGSM,
+            XCOPA, over-refusal and KL alike; KL is 0 on the prompts it leaves off). Names become file names (letters, digits, ``_ . + = -``).
         judge: ``judge_batch(prompts, responses, langs)``; default ``KeywordJudge()``.
         out_dir: folder for ``generations/`` (resumable) and the report.
         max_new_tokens: one budget for all, or ``None`` = the judge's per-language budget
@@ -400,6 +415,7 @@ def evaluate(model: Any, tokenizer: Any, prompts: Sequence[Any], *,
     from edit_runtime import judge as judge_mod
     from edit_runtime.data import SPLIT_BOUNDS, SPLIT_SALT
     from edit_runtime.generation import check_positive_int, generate_to_jsonl
+    from edit_runtime.gate import GatedDelta, GateError, attach_gate
     from edit_runtime.patch import patch_model
 
     prompts = list(prompts)
@@ -424,8 +440,14 @@ def evaluate(model: Any, tokenizer: Any, prompts: Sequence[Any], *,
         log.warning("evaluate: %d of %d prompts are labelled harmless; refusal metrics are meant "
                     "for harmful prompts (harmless ones belong in UtilityOptions.harmless)",
                     n_harmless, len(prompts))
-    # load every delta first: a bad path fails before any generation
+    # load every delta first: a bad path (or a gate that cannot gate its delta) fails before any generation
     loaded = {name: _load_variant(name, spec) for name, spec in variants.items()}
+    for vname, (spec, _) in loaded.items():
+        if isinstance(spec, GatedDelta):
+            try:
+                spec.check(model)
+            except GateError as exc:
+                raise GateError(f"variant {vname!r}: {exc}") from None
     base_name = next((n for n, (d, _) in loaded.items() if d is None), None)
 
     budget_fn = getattr(judge, "min_new_tokens_for", judge_mod.min_new_tokens_for)
@@ -466,12 +488,21 @@ def evaluate(model: Any, tokenizer: Any, prompts: Sequence[Any], *,
     for vname, (delta, desc) in loaded.items():
         log.info("evaluating variant %r (%s)", vname, "base model" if delta is None else desc["digest"][:12])
         secs: dict[str, float] = {}
-        handle = None
+        handle = gate_handle = None
         t0 = time.perf_counter()
-        if delta is not None:
+        if isinstance(delta, GatedDelta):
+            handle = patch_model(model, delta.delta, check_fingerprint=check_fingerprint)
+            try:
+                gate_handle = attach_gate(handle, delta.gate)
+            except BaseException:
+                handle.remove()
+                raise
+        elif delta is not None:
             handle = patch_model(model, delta, check_fingerprint=check_fingerprint)
         try:
             extra = {"model": name, "delta": None if desc is None else desc["digest"]}
+            if desc is not None and "gate" in desc:  # a resumed file must come from the same gate
+                extra["gate"] = {k: desc["gate"][k] for k in ("layer", "threshold", "bias", "weight_sha256")}
             recs = generate_to_jsonl(model, tokenizer, prompts, out / "generations" / f"{vname}.jsonl",
                                      max_new_tokens=budgets, batch_size=batch_size,
                                      system_prompt=system_prompt, variant=vname, extra=extra,
@@ -481,9 +512,11 @@ def evaluate(model: Any, tokenizer: Any, prompts: Sequence[Any], *,
             if utility is not None:
                 util, usecs = _utility(model, tokenizer, utility, handle, judge, batch_size,
                                        progress, responses_path=out / "over_refusal" / f"{vname}.jsonl",
-                                       variant=vname, extra=extra)
+                                       variant=vname, extra=extra, gated=gate_handle is not None)
                 secs.update(usecs)
         finally:
+            if gate_handle is not None:
+                gate_handle.remove()
             if handle is not None:
                 handle.remove()
         t1 = time.perf_counter()

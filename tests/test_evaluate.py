@@ -152,6 +152,59 @@ def test_bad_variants_fail_before_generating(tiny, tok, tmp_path):
     assert not (tmp_path / "generations").exists()
 
 
+def test_gated_variant_is_base_or_edited_per_prompt(tiny, tok, tmp_path):
+    """A GatedDelta variant: each harmful prompt gets exactly the edited model's response where
+    the gate fires and the base model's elsewhere; KL is the edit's on the gated-on harmless
+    prompt and 0 on the other; the gate is recorded; a changed gate under the same name is
+    refused on resume; nothing is left patched or hooked."""
+    from edit_runtime.gate import GatedDelta, ProbeGate, last_token_hidden
+    from edit_runtime.patch import patch_model
+    from edit_runtime.utility import next_token_kl
+
+    prompts = _prompts()
+    harmless = [Prompt("s:0", "en", "Name a fruit.", "harmless", "s"),
+                Prompt("s:1", "en", "Say hello.", "harmless", "s")]
+    # a gate on layer 0 that fires on the English harmful prompts and on s:0 (least squares through
+    # the last-token states, linearly independent in 64 dimensions), before the edited layer 1
+    texts = [p.text for p in prompts] + [p.text for p in harmless]
+    h = last_token_hidden(tiny, tok, texts, [0])[0].double()
+    on = [p.lang == "en" for p in prompts] + [True, False]
+    w = torch.linalg.pinv(h) @ torch.tensor([1.0 if x else -1.0 for x in on], dtype=torch.float64)
+    gate = ProbeGate(0, w.float(), 0.0, 0.0, {"test": "splitting gate"})
+    delta = _delta(tiny)
+    opts = UtilityOptions(harmless=harmless, over_refusal_max_new_tokens=4)
+    res = evaluate(tiny, tok, prompts, variants={"base": None, "edit": delta, "gated": GatedDelta(delta, gate)},
+                   out_dir=tmp_path, max_new_tokens=5, utility=opts, progress=False, check_fingerprint=False)
+    resp = {n: {(r["id"], r["lang"]): r["response"] for r in v.records} for n, v in res.variants.items()}
+    assert resp["edit"] != resp["base"], "the edit must change some response"
+    for p in prompts:
+        want = resp["edit" if p.lang == "en" else "base"][(p.id, p.lang)]
+        assert resp["gated"][(p.id, p.lang)] == want, (p.id, p.lang)
+    with patch_model(tiny, delta, check_fingerprint=False) as handle:
+        kl_s0 = next_token_kl(tiny, tok, harmless[:1], handle, progress=False)["en"]["mean_kl"]
+    assert kl_s0 > 0
+    gated_kl = res.variants["gated"].utility["kl"]["en"]
+    assert gated_kl["n"] == 2 and gated_kl["mean_kl"] == pytest.approx(kl_s0 / 2, rel=1e-5)
+    data = json.loads((tmp_path / "results.json").read_text())
+    desc = data["config"]["variants"]["gated"]
+    assert desc["gate"]["layer"] == 0 and desc["gate"]["metadata"] == {"test": "splitting gate"}
+    assert desc["digest"] == data["config"]["variants"]["edit"]["digest"]
+    with pytest.raises(ValueError, match="already holds"):
+        evaluate(tiny, tok, prompts, variants={"gated": GatedDelta(delta, gate.with_threshold(3.0))},
+                 out_dir=tmp_path, max_new_tokens=5, progress=False, check_fingerprint=False)
+    assert not patched_modules(tiny)
+    assert not tiny._forward_pre_hooks and not any(m._forward_hooks for m in tiny.model.layers)
+
+
+def test_gate_that_cannot_gate_its_delta_fails_before_generating(tiny, tok, tmp_path):
+    from edit_runtime.gate import GatedDelta, GateError, ProbeGate
+
+    late = GatedDelta(_delta(tiny, layer=1), ProbeGate(2, torch.randn(tiny.config.hidden_size), 0.0))
+    with pytest.raises(GateError, match="variant 'g': gate layer 2 must come before"):
+        evaluate(tiny, tok, _prompts(), variants={"base": None, "g": late}, out_dir=tmp_path, progress=False)
+    assert not (tmp_path / "generations").exists() and not patched_modules(tiny)
+
+
 def test_paired_flips_counts_and_interval():
     def recs(labels):
         return [{"id": str(i), "lang": "bn", "verdict": {"label": lab}} for i, lab in enumerate(labels)]
@@ -260,13 +313,25 @@ def test_cli_eval_end_to_end_smollm2(smollm2, tmp_path):
                                     U=0.5 * torch.randn(16, 4, generator=g),
                                     V=0.5 * torch.randn(4, 576, generator=g))])
     dpath = delta.save(tmp_path / "safety.safetensors")
+    # gates that always / never fire (zero weight, bias +1 / -1): exactly the edited / base model
+    from edit_runtime.gate import ProbeGate
+    always = ProbeGate(5, torch.zeros(576), 1.0).save(tmp_path / "always.safetensors")
+    never = ProbeGate(5, torch.zeros(576), -1.0).save(tmp_path / "never.safetensors")
     out = tmp_path / "eval"
     rc = main(["eval", "--model", "smollm2-135m-instruct", "--data", "builtin:harmful",
                "--langs", "en,zh", "--limit", "2", "--max-new-tokens", "6", "--batch-size", "4",
-               "--delta", f"safety={dpath}", "--no-progress", "--threads", "1", "-o", str(out)])
+               "--delta", f"safety={dpath}", "--delta", f"on={dpath}", "--delta", f"off={dpath}",
+               "--gate", f"on={always}", "--gate", f"off={never}", "--no-progress", "--threads", "1",
+               "-o", str(out)])
     assert rc == 0
     data = json.loads((out / "results.json").read_text())
-    assert set(data) == TOP_KEYS and list(data["variants"]) == ["base", "safety"]
+    assert set(data) == TOP_KEYS and list(data["variants"]) == ["base", "safety", "on", "off"]
+    assert data["config"]["variants"]["on"]["gate"]["layer"] == 5 and "gate" not in data["config"]["variants"]["safety"]
+
+    def responses(name):
+        return [json.loads(x)["response"] for x in (out / "generations" / f"{name}.jsonl").read_text().splitlines()]
+
+    assert responses("on") == responses("safety") and responses("off") == responses("base")
     assert data["config"]["model"] == "smollm2-135m-instruct"
     assert data["datasets"]["harmful"]["splits"] == ["test"]
     for v in data["variants"].values():
@@ -275,6 +340,11 @@ def test_cli_eval_end_to_end_smollm2(smollm2, tmp_path):
     # a bad delta path is a clean error (exit code 2), not a traceback
     assert main(["eval", "--model", "smollm2-135m-instruct", "--data", "builtin:harmful",
                  "--delta", str(tmp_path / "nope.safetensors"), "-o", str(out)]) == 2
+    # so are a gate for no delta and a gate file that is not one
+    assert main(["eval", "--model", "smollm2-135m-instruct", "--data", "builtin:harmful",
+                 "--delta", f"safety={dpath}", "--gate", f"other={always}", "-o", str(out)]) == 2
+    assert main(["eval", "--model", "smollm2-135m-instruct", "--data", "builtin:harmful",
+                 "--delta", f"safety={dpath}", "--gate", f"safety={dpath}", "-o", str(out)]) == 2
 
 
 @pytest.mark.parametrize("which", ["relevance", "similarity+relevance"])

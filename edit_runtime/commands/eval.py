@@ -3,6 +3,9 @@
     edit-runtime eval --model qwen2.5-coder-0.5b-instruct --delta safety=delta.safetensors \\
         --data multijail --langs en,zh,vi,bn --split test --utility over-refusal,kl -o eval/
 
+    edit-runtime eval ... --delta edit=delta.safetensors --delta gated=delta.safetensors \\
+        --gate gated=gate.safetensors ...          # the same edit ungated and probe-gated
+
     edit-runtime causal --model qwen2.5-coder-0.5b-instruct --data multijail \\
         --langs en,zh,bn --layer 20 --neurons en --alpha 2 -o causal/
 
@@ -32,6 +35,15 @@ def _delta_spec(text: str) -> tuple[str | None, str]:
     name, path = name.strip(), path.strip()
     if not name or not path:
         raise argparse.ArgumentTypeError(f"--delta expects PATH or NAME=PATH, got {text!r}")
+    return name, path
+
+
+def _gate_spec(text: str) -> tuple[str, str]:
+    """``NAME=PATH``: the probe gate of the ``--delta`` named NAME."""
+    name, sep, path = text.partition("=")
+    name, path = name.strip(), path.strip()
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"--gate expects NAME=PATH (NAME: a --delta's name), got {text!r}")
     return name, path
 
 
@@ -91,6 +103,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     _add_common(p)
     p.add_argument("--delta", action="append", type=_delta_spec, default=[], metavar="[NAME=]PATH",
                    help="a delta to evaluate against the base model (repeatable)")
+    p.add_argument("--gate", action="append", type=_gate_spec, default=[], metavar="NAME=PATH",
+                   help="a probe gate (edit_runtime.gate) for the --delta named NAME: that delta is then "
+                        "on only for the prompts the probe flags (repeatable; give the same delta twice, "
+                        "under two names, to compare it gated and ungated)")
     p.add_argument("--no-base", action="store_true", help="do not evaluate the unedited model")
     p.add_argument("--no-check-fingerprint", action="store_true",
                    help="accept deltas whose base-model fingerprint does not match")
@@ -323,6 +339,7 @@ def run_eval(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from edit_runtime.evaluate import evaluate
+    from edit_runtime.gate import GatedDelta
     from edit_runtime.neurons import NeuronSets
 
     variants: dict[str, object] = {} if args.no_base else {"base": None}
@@ -335,6 +352,15 @@ def run_eval(args: argparse.Namespace) -> int:
         variants[name] = path
     if not variants:
         raise ValueError("nothing to evaluate: --no-base and no --delta")
+    gates = dict(args.gate)
+    if len(gates) != len(args.gate):
+        raise ValueError(f"two --gate options for one delta: {[n for n, _ in args.gate]}")
+    for name, gate_path in gates.items():
+        if variants.get(name) is None:
+            raise ValueError(f"--gate {name}={gate_path}: no --delta named {name!r} "
+                             f"(deltas: {[n for n, v in variants.items() if v is not None]})")
+        # both files read now: a bad gate fails before the model loads
+        variants[name] = GatedDelta.load(variants[name], gate_path)
     neuron_sets = NeuronSets.load_json(args.neurons) if args.neurons else None
     prompts = _harmful(args)
     langs = list(dict.fromkeys(p.lang for p in prompts))
