@@ -108,11 +108,11 @@ def make_engine(setup):
     model, tok, delta, _ = setup
     made: list[ServingEngine] = []
 
-    def make(start: bool = True, deltas=None, **overrides) -> ServingEngine:
+    def make(start: bool = True, deltas=None, gates=None, **overrides) -> ServingEngine:
         for e in made:
             e.shutdown()
         eng = ServingEngine(model, tok, {"safety": delta} if deltas is None else deltas,
-                            config=EngineConfig(**{**LIMITS, **overrides}), served_name=BASE)
+                            config=EngineConfig(**{**LIMITS, **overrides}), served_name=BASE, gates=gates)
         made.append(eng)
         return eng.start() if start else eng
 
@@ -209,6 +209,52 @@ def test_merged_mode_equals_runtime_and_restores_weights(setup, make_engine):
     assert not patched_modules(model) and torch.equal(model.get_submodule(path).weight, before)
     with pytest.raises(ValueError, match="exactly one delta"):
         ServingEngine(model, tok, {}, config=EngineConfig(merged=True))
+
+
+def test_gated_delta_is_base_or_edited_per_request(setup, make_engine):
+    """A delta served with a probe gate: a request for it gets the edited model's greedy tokens
+    where the probe fires on its prompt and the base model's elsewhere, while sharing the batch
+    with a plain base request; the decisions are counted; bad gates are refused unpatched."""
+    from edit_runtime.gate import GateError, ProbeGate, last_token_hidden
+    from edit_runtime.serve.app import render_prometheus
+
+    model, tok, delta, refs = setup
+    gate_layer = 2
+    h = last_token_hidden(model, tok, PROMPTS, [gate_layer])[gate_layer].double()
+    fires = [True, False, True]
+    # discriminating: the gated-off prompt's edited answer differs from its base one, and so does
+    # a gated-on prompt's
+    assert refs[(PROMPTS[1], True)] != refs[(PROMPTS[1], False)]
+    assert any(refs[(p, True)] != refs[(p, False)] for p, f in zip(PROMPTS, fires) if f)
+    w = torch.linalg.pinv(h) @ torch.tensor([1.0 if f else -1.0 for f in fires], dtype=torch.float64)
+    gate = ProbeGate(gate_layer, w.float(), 0.0, 0.0)
+    eng = make_engine(start=False, gates={"safety": gate})
+    jobs = []
+    for p, model_name in [(p, f"{BASE}+safety") for p in PROMPTS] + [(PROMPTS[0], BASE)]:
+        sink = _QueueSink()
+        eng.submit(chat_ids(tok, p), SamplingParams(max_tokens=N, temperature=0), sink, model=model_name)
+        jobs.append((p, model_name, sink))
+    eng.start()
+    for p, model_name, sink in jobs:
+        _, ev = collect(sink)
+        assert isinstance(ev, Finished), ev
+        edited = model_name.endswith("+safety") and fires[PROMPTS.index(p)]
+        assert list(ev.token_ids) == expected(tok, refs[(p, edited)], N, eng.eos_ids)[0], (p, model_name)
+    stats = eng.stats()
+    assert stats["gate"] == {"safety": {"on": 2, "off": 1, "layer": gate_layer, "threshold": 0.0}}
+    text = render_prometheus(stats, {"requests": [], "latency_s": {}})
+    assert 'edit_runtime_gate_decisions_total{delta="safety",decision="on"} 2' in text
+    eng.shutdown()
+    assert not patched_modules(model)
+    assert not model._forward_pre_hooks and not any(m._forward_hooks for m in model.model.layers)
+    with pytest.raises(ValueError, match="gates for unknown deltas"):
+        make_engine(start=False, gates={"other": gate})
+    with pytest.raises(ValueError, match="merged delta cannot be gated"):
+        make_engine(start=False, gates={"safety": gate}, merged=True)
+    late = ProbeGate(len(model.model.layers) - 1, w.float(), 0.0)
+    with pytest.raises(GateError, match="must come before every edited layer"):
+        make_engine(start=False, gates={"safety": late})
+    assert not patched_modules(model) and not model._forward_pre_hooks
 
 
 def test_sampling_seed_top_p_and_stop_strings(setup, make_engine):
@@ -502,3 +548,25 @@ def test_concurrent_http_clients_share_batches(setup, client):
         assert status == 200, body
         assert body["choices"][0]["message"]["content"] == expected(tok, refs[(p, edited)], 6, eng.eos_ids)[1]
     assert eng.stats()["batch_size"]["p95"] >= 2
+
+
+def test_cli_serve_gate_errors_before_loading(tmp_path, capsys):
+    """``edit-runtime serve --gate``: a gate for no delta, a gate with --merged and a file that is
+    not a gate are clean errors (exit 2) before the model loads."""
+    from edit_runtime.cli import main
+    from edit_runtime.gate import ProbeGate
+
+    gate = ProbeGate(2, torch.zeros(576), 1.0).save(tmp_path / "g.safetensors")
+    delta = random_delta(_tiny_like_smollm2(), 15).save(tmp_path / "d.safetensors")
+    base = ["serve", "--model", str(tmp_path / "no-such-model"), "--delta", f"safety={delta}"]
+    for extra, message in ((["--gate", f"other={gate}"], "--gate for unknown deltas ['other']"),
+                           (["--gate", f"safety={gate}", "--merged"], "cannot be gated per request"),
+                           (["--gate", f"safety={delta}"], "is not a probe gate file")):
+        assert main(base + extra) == 2
+        assert message in capsys.readouterr().err
+
+
+def _tiny_like_smollm2():
+    from tiny_models import make_tiny_model
+
+    return make_tiny_model("llama", num_layers=16, hidden_size=576, intermediate_size=64)

@@ -5,7 +5,9 @@
 
 The request's ``model`` picks the weights: ``<served name>`` (the base model) or
 ``<served name>+<delta name>``. ``--merged`` folds the only delta into the weights (no runtime
-cost; the base model is then not served). Only argparse is imported at module level; torch,
+cost; the base model is then not served). ``--gate NAME=PATH`` gives delta NAME a probe gate
+(edit_runtime.gate): a request for that delta gets the edit only if the probe fires on its prompt,
+and the base model's answer otherwise. Only argparse is imported at module level; torch,
 transformers, FastAPI and uvicorn are imported when the command runs.
 """
 from __future__ import annotations
@@ -25,6 +27,14 @@ def _delta_spec(text: str) -> tuple[str, str]:
     return name, path
 
 
+def _gate_spec(text: str) -> tuple[str, str]:
+    name, sep, path = text.partition("=")
+    name, path = name.strip(), path.strip()
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"--gate expects NAME=PATH (NAME: a --delta's name), got {text!r}")
+    return name, path
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     """Adds the ``serve`` sub-command."""
     p = sub.add_parser("serve", help="OpenAI-compatible server (chat/completions, streaming) with per-request edits",
@@ -32,6 +42,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", required=True, help="short name, HF folder, .gguf file or hub id")
     p.add_argument("--delta", action="append", type=_delta_spec, default=[], metavar="NAME=PATH",
                    help="a delta to offer as model '<served-name>+NAME' (repeatable)")
+    p.add_argument("--gate", action="append", type=_gate_spec, default=[], metavar="NAME=PATH",
+                   help="a probe gate for delta NAME: the edit is on only for prompts the probe flags (repeatable)")
     p.add_argument("--merged", action="store_true",
                    help="merge the only delta into the weights (zero overhead; the base model is not offered)")
     p.add_argument("--served-model-name", default=None,
@@ -60,6 +72,7 @@ def run(args: argparse.Namespace) -> int:
     import uvicorn
 
     from edit_runtime.delta import SparseDelta
+    from edit_runtime.gate import ProbeGate
     from edit_runtime.models import load_model
     from edit_runtime.serve.app import create_app
     from edit_runtime.serve.engine import EngineConfig, ServingEngine
@@ -72,14 +85,24 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--merged needs exactly one --delta, got {len(args.delta)}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    deltas = {name: SparseDelta.load(path) for name, path in args.delta}  # fail fast, before the model loads
+    gate_names = [n for n, _ in args.gate]
+    if len(set(gate_names)) != len(gate_names):
+        raise ValueError(f"one --gate per delta, got {gate_names}")
+    unknown = [n for n in gate_names if n not in names]
+    if unknown:
+        raise ValueError(f"--gate for unknown deltas {unknown}; deltas: {names}")
+    if args.merged and args.gate:
+        raise ValueError("--merged folds the edit into the weights: it cannot be gated per request")
+    # fail fast, before the model loads
+    deltas = {name: SparseDelta.load(path) for name, path in args.delta}
+    gates = {name: ProbeGate.load(path) for name, path in args.gate}
     model, tokenizer = load_model(args.model, dtype=getattr(torch, args.dtype), device=args.device)
     engine = ServingEngine(
         model, tokenizer, deltas,
         config=EngineConfig(max_batch_size=args.max_batch_size, max_queue=args.max_queue,
                             max_model_len=args.max_model_len, max_tokens_limit=args.max_tokens_limit,
                             merged=args.merged, check_fingerprint=not args.no_check_fingerprint),
-        served_name=args.served_model_name, model_name_or_path=args.model,
+        served_name=args.served_model_name, model_name_or_path=args.model, gates=gates,
     )
     app = create_app(engine, manage_engine=True)
     log.info("serving %s on http://%s:%d/v1", ", ".join(engine.model_names), args.host, args.port)

@@ -176,6 +176,10 @@ def render_prometheus(engine_stats: dict, http_stats: dict) -> str:
     simple("queue_depth", "gauge", "Requests waiting for a batch slot.", [({}, engine_stats["queue_depth"])])
     simple("active_sequences", "gauge", "Sequences in the running batch.", [({}, engine_stats["active"])])
     simple("engine_running", "gauge", "1 while the engine thread runs.", [({}, int(engine_stats["running"]))])
+    if engine_stats.get("gate"):
+        simple("gate_decisions_total", "counter", "Prefill decisions of each gated delta's probe.",
+               [({"delta": d, "decision": k}, g[k]) for d, g in sorted(engine_stats["gate"].items())
+                for k in ("on", "off")])
     for key, name, help_ in (("latency_s", "request_latency_seconds", "Submit to last token."),
                              ("ttft_s", "time_to_first_token_seconds", "Submit to first generated token."),
                              ("queue_wait_s", "queue_wait_seconds", "Submit to prefill start."),

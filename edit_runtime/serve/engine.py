@@ -33,6 +33,13 @@ bit for bit).
 **Model names.** The base model is served as ``served_name`` (default: the model's short name);
 base plus delta ``D`` as ``f"{served_name}+{D}"``.
 
+**Gated edits.** A delta given a probe gate (``gates={name: ProbeGate | path}``,
+:mod:`edit_runtime.gate`) is on for a request only if the request asked for it *and* the probe
+fires on its prompt. In the prefill the gate's hook, on a decoder layer before the edit, sets the
+row mask to (asked for) AND (probe fires); the decision is stored on the sequence and reused for
+every decode step, so a gated sequence stays exactly base or exactly edited whichever batch it
+decodes in. ``stats()["gate"]`` counts the decisions per delta.
+
 **Isolation.** Per-row work (sampling, detokenizing, stop strings, delivering events) runs in a
 ``try`` per sequence: an exception fails that request only (a :class:`Failed` event, HTTP 500),
 the others continue. An exception in a batched forward fails the sequences of that forward (it
@@ -63,6 +70,7 @@ if TYPE_CHECKING:
     import torch
 
     from edit_runtime.delta import SparseDelta
+    from edit_runtime.gate import GateHandle, ProbeGate
     from edit_runtime.patch import PatchHandle
 
 log = logging.getLogger(__name__)
@@ -388,6 +396,7 @@ class _Sequence:
     first_token_at: float | None = None
     finish_reason: str | None = None
     done: bool = False
+    gate_on: bool = True                # a gated delta: the probe's prefill decision
 
     @property
     def cache_len(self) -> int:
@@ -422,6 +431,8 @@ class ServingEngine:
             user of it while the engine runs.
         tokenizer: its tokenizer (chat template used for chat requests).
         deltas: ``{name: SparseDelta | path}``; each is patched at construction.
+        gates: ``{delta name: ProbeGate | path}``: those deltas are on only where their probe
+            fires (module docstring, "Gated edits"); not with ``config.merged``.
         config: :class:`EngineConfig`.
         served_name: the base model's name in requests (default: the short name / folder name).
         model_name_or_path: used for the default ``served_name``.
@@ -433,9 +444,11 @@ class ServingEngine:
 
     def __init__(self, model: Any, tokenizer: Any, deltas: Mapping[str, "SparseDelta | str | Path"] | None = None,
                  *, config: EngineConfig | None = None, served_name: str | None = None,
-                 model_name_or_path: str | os.PathLike | None = None):
+                 model_name_or_path: str | os.PathLike | None = None,
+                 gates: Mapping[str, "ProbeGate | str | Path"] | None = None):
         import torch
 
+        from edit_runtime.gate import ProbeGate, attach_gate
         from edit_runtime.patch import patch_model
 
         self.config = config or EngineConfig()
@@ -452,6 +465,14 @@ class ServingEngine:
             raise ValueError(f"served name must not contain '+', got {self.served_name!r}")
         if self.config.merged and len(deltas) != 1:
             raise ValueError(f"merged mode serves exactly one delta, got {len(deltas)} ({', '.join(deltas) or 'none'})")
+        gates = dict(gates or {})
+        unknown = [name for name in gates if name not in deltas]
+        if unknown:
+            raise ValueError(f"gates for unknown deltas {unknown}; deltas: {', '.join(deltas) or 'none'}")
+        if gates and self.config.merged:
+            raise ValueError("a merged delta cannot be gated per request: drop merged or the gate")
+        # gate files are read before anything is patched
+        gates = {name: g if isinstance(g, ProbeGate) else ProbeGate.load(g) for name, g in gates.items()}
         _check_attention(model)
 
         mcfg = getattr(model, "config", None)
@@ -468,15 +489,16 @@ class ServingEngine:
 
         # Patch every delta now (all-or-nothing across deltas too).
         self.handles: dict[str, "PatchHandle"] = {}
+        self.gate_handles: dict[str, "GateHandle"] = {}
         try:
             for name, delta in deltas.items():
                 self.handles[name] = patch_model(model, delta, check_fingerprint=self.config.check_fingerprint)
+            for name, gate in gates.items():
+                self.gate_handles[name] = attach_gate(self.handles[name], gate)
             if self.config.merged:
                 next(iter(self.handles.values())).merge()
         except BaseException:
-            for h in reversed(list(self.handles.values())):
-                h.remove()
-            self.handles.clear()
+            self._remove_patches()
             raise
         self.merged = self.config.merged
         self._model_map: dict[str, str | None] = {}
@@ -486,6 +508,7 @@ class ServingEngine:
             self._model_map[f"{self.served_name}+{name}"] = name
 
         self.metrics = EngineMetrics()
+        self._gate_counts = {name: {"on": 0, "off": 0} for name in self.gate_handles}
         self._cv = threading.Condition()
         self._pending: collections.deque[_Sequence] = collections.deque()
         self._cancelled: set[str] = set()
@@ -602,11 +625,17 @@ class ServingEngine:
             if not seq.done:
                 self._deliver_failure(seq, err)
         self._cache = self._attn = None
+        self._remove_patches()
+        self._closed = True
+        log.info("engine stopped; patches removed")
+
+    def _remove_patches(self) -> None:
+        for gh in self.gate_handles.values():
+            if not gh.removed:
+                gh.remove()
         for h in reversed(list(self.handles.values())):
             if not h.removed:
                 h.remove()
-        self._closed = True
-        log.info("engine stopped; patches removed")
 
     def __enter__(self) -> "ServingEngine":
         return self.start()
@@ -685,9 +714,13 @@ class ServingEngine:
         """Metrics snapshot (plain dict) with the current queue depth and batch size."""
         with self._cv:
             depth, active = len(self._pending), len(self._active)
+        with self.metrics.lock:
+            gate = {name: {**counts, "layer": self.gate_handles[name].gate.layer,
+                           "threshold": self.gate_handles[name].gate.threshold}
+                    for name, counts in self._gate_counts.items()}
         return self.metrics.snapshot(queue_depth=depth, active=active, max_batch_size=self.config.max_batch_size,
                                      max_queue=self.config.max_queue, running=self.running,
-                                     models=self.model_names, merged=self.merged)
+                                     models=self.model_names, merged=self.merged, gate=gate)
 
     # -- engine thread -----------------------------------------------------------------------
     def _run(self) -> None:
@@ -739,11 +772,30 @@ class ServingEngine:
         self._cache = self._attn = None
 
     # -- model calls -------------------------------------------------------------------------
-    def _set_masks(self, rows: Sequence[_Sequence]) -> None:
+    def _set_masks(self, rows: Sequence[_Sequence], *, prefill: bool = False) -> None:
         if self.merged:
             return
         for name, handle in self.handles.items():
-            handle.set_row_mask([s.delta == name for s in rows])
+            asked = [s.delta == name for s in rows]
+            gh = self.gate_handles.get(name)
+            if gh is None:
+                handle.set_row_mask(asked)
+            elif prefill:
+                # the gate's hook sets (asked AND probe fires) inside the forward, before the edit
+                gh.allowed, gh.last_mask = asked, None
+                handle.set_row_mask([False] * len(rows))
+            else:
+                handle.set_row_mask([a and s.gate_on for a, s in zip(asked, rows)])
+
+    def _record_gate_decisions(self, seqs: Sequence[_Sequence]) -> None:
+        """Stores each gated sequence's prefill decision (reused by every decode step)."""
+        for name, gh in self.gate_handles.items():
+            decided = gh.last_mask
+            for i, seq in enumerate(seqs):
+                if seq.delta == name:
+                    seq.gate_on = bool(decided[i]) if decided is not None else False
+                    with self.metrics.lock:
+                        self._gate_counts[name]["on" if seq.gate_on else "off"] += 1
 
     def _forward(self, input_ids: "torch.Tensor", cache: Any, attention_mask: "torch.Tensor | None" = None,
                  position_ids: "torch.Tensor | None" = None, keep: "torch.Tensor | None" = None) -> "torch.Tensor":
@@ -804,7 +856,7 @@ class ServingEngine:
                 attn[i, :lens[i]] = 1
             last = torch.tensor([n - 1 for n in lens], device=self.device)
             cache = DynamicCache()
-            self._set_masks(seqs)
+            self._set_masks(seqs, prefill=True)
             if B == 1:
                 logits = self._forward(ids, cache)                                        # (1, V)
             else:
@@ -813,6 +865,7 @@ class ServingEngine:
                 full = self._forward(ids, cache, attn, pos, keep=keep)                    # (B, k, V)
                 logits = full[torch.arange(B), torch.searchsorted(keep, last)]            # (B, V)
             layers = _cache_tensors(cache)
+            self._record_gate_decisions(seqs)
         except Exception as exc:  # noqa: BLE001
             if B > 1:
                 log.warning("batched prefill of %d requests failed (%s); retrying them one by one", B, exc)
