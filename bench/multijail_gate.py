@@ -1,6 +1,6 @@
 """A probe-gated edit on MultiJail: the proof's best delta, on only where a harmfulness probe fires.
 
-    python bench/multijail_gate.py PROOF_DIR [--variant NAME] [--layers 8,12,16]
+    python bench/multijail_gate.py PROOF_DIR [--variant NAME[,NAME...]] [--layers 8,12,16]
         [--thresholds=-1,0,1,2,3] [--max-over-refusal-rise 0.02] [--threads 2] [-o PROOF_DIR/gate]
 
 ``PROOF_DIR`` is a folder of ``bench/multijail_proof.py`` that ran the sweep (the validation
@@ -20,10 +20,12 @@ and of the delta, per prompt, with no new generation: harmful prompts from
 ``sweep/<row>/generations`` (validation) and ``test/generations`` (test), harmless ones from the
 matching ``over_refusal`` files, all judged here with the proof's judge.
 
-Choice, on validation only: over probe layers (each before the edited layer) and thresholds, the
-gate with the lowest mean non-English ASR whose English refusal is not below the base's and whose
-over-refusal is at most ``--max-over-refusal-rise`` above it (ties: fewer harmless prompts gated
-on). Then the test split is reported per language for base, the ungated delta and the gated one,
+Choice, on validation only: over the deltas of ``--variant`` (one or several sweep rows: an edit
+applied at a higher strength is worth more once a gate keeps it off harmless prompts), probe
+layers (each before the edited layer) and thresholds, the gate with the lowest mean non-English
+ASR whose English refusal is not below the base's and whose over-refusal is at most
+``--max-over-refusal-rise`` above it (ties: fewer harmless prompts gated on, then the order of
+``--variant``). Then the test split is reported per language for base, the ungated delta and the gated one,
 with the paired bootstrap interval of the relative ASR change (unit: a prompt id with all its
 languages, 2000 draws, seed 0), the over-refusal, and how many MGSM English test questions the gate
 turns the edit on for (none: the gated model's MGSM is the base model's, exactly), and how often it
@@ -172,7 +174,9 @@ def _rows(prompts) -> list[dict]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("proof_dir", type=Path)
-    ap.add_argument("--variant", default=None, help="the sweep row whose delta is gated (default: proof.json's best)")
+    ap.add_argument("--variant", default=None,
+                    help="the sweep row(s) whose delta is gated, comma-separated: the choice runs over them "
+                         "(default: proof.json's best)")
     ap.add_argument("--layers", default="8,12,16", help="probe layers to try (each before the edited layer)")
     ap.add_argument("--thresholds", default="-1,0,1,2,3", help="probe thresholds to try")
     ap.add_argument("--max-over-refusal-rise", type=float, default=0.02)
@@ -190,28 +194,24 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     root: Path = args.proof_dir
     proof = json.loads((root / "proof.json").read_text())
-    variant = args.variant or proof["best"]
+    variants = [v for v in (args.variant or proof["best"]).split(",") if v]
     out = args.output or root / "gate"
     out.mkdir(parents=True, exist_ok=True)
     layers = [int(x) for x in args.layers.split(",")]
     thresholds = [float(x) for x in args.thresholds.split(",")]
-    print(f"gating {variant}", flush=True)
+    print(f"gating {', '.join(variants)}", flush=True)
 
-    files = {"val_harmful": [root / "sweep" / n / "generations" / f"{n}.jsonl" for n in ("base", variant)],
-             "val_harmless": [root / "sweep" / n / "over_refusal" / f"{n}.jsonl" for n in ("base", variant)],
-             "test_harmful": [root / "test" / "generations" / f"{n}.jsonl" for n in ("base", f"best-{variant}")],
-             "test_harmless": [root / "test" / "over_refusal" / f"{n}.jsonl" for n in ("base", f"best-{variant}")]}
-    have_test = all(p.is_file() for p in files["test_harmful"] + files["test_harmless"])
-    for name, paths in files.items():
-        if not name.startswith("test") or have_test:
-            for p in paths:
-                if not p.is_file():
-                    raise SystemExit(f"missing {p}: run the proof's sweep (and test stage) for {variant!r} first")
+    def val_files(n: str) -> dict[str, Path]:
+        return {"val_harmful": root / "sweep" / n / "generations" / f"{n}.jsonl",
+                "val_harmless": root / "sweep" / n / "over_refusal" / f"{n}.jsonl"}
+
+    for n in ["base", *variants]:
+        for p in val_files(n).values():
+            if not p.is_file():
+                raise SystemExit(f"missing {p}: run the proof's sweep for {n!r} first")
     judge = KeywordJudge()
-    responses = {name: [read_responses(p) for p in paths] for name, paths in files.items()
-                 if not name.startswith("test") or have_test}
-    labels = {name: [judged(rows, judge) for rows in pair] for name, pair in responses.items()}
-
+    val_labels = {n: {k: judged(read_responses(p), judge) for k, p in val_files(n).items()}
+                  for n in ["base", *variants]}
     model, tok = load_model(proof["model"])
     fit_langs = [ANCHOR] + [lg for lg in proof["fit_langs"] if lg != ANCHOR]
     # The probe's training data, train splits only. MultiJail alone against the built-in harmless
@@ -229,9 +229,13 @@ def main(argv: list[str] | None = None) -> int:
             "ood_advbench": _rows(load_prompts("advbench", split="test")),
             "ood_harmbench": _rows(load_prompts("harmbench", split="test")),
             "ood_alpaca": _rows(load_prompts("alpaca", split="test", limit=args.ood_limit))}
-    for name, pair in responses.items():
-        sets[name] = sorted({(r["id"], r["lang"]): {k: r[k] for k in ("id", "lang", "prompt")}
-                             for r in pair[0]}.values(), key=lambda r: (r["id"], r["lang"]))
+    # the prompts of the validation and test files (the base model's), for the probe features
+    test_base = {"test_harmful": root / "test" / "generations" / "base.jsonl",
+                 "test_harmless": root / "test" / "over_refusal" / "base.jsonl"}
+    for name, path in [*val_files("base").items(), *test_base.items()]:
+        if path.is_file():
+            sets[name] = sorted({(r["id"], r["lang"]): {k: r[k] for k in ("id", "lang", "prompt")}
+                                 for r in read_responses(path)}.values(), key=lambda r: (r["id"], r["lang"]))
     feats = features(model, tok, sets, layers, out / "features.safetensors", args.batch_size)
     keys = {name: [(r["id"], r["lang"]) for r in rows] for name, rows in sets.items()}
 
@@ -243,39 +247,46 @@ def main(argv: list[str] | None = None) -> int:
     train_s = [n for n in sets if n.startswith("train_harmless")]
     probes = {L: fit_probe_gate(torch.cat([feats[n][L] for n in train_h]), torch.cat([feats[n][L] for n in train_s]),
                                 L, l2=args.l2,
-                                metadata={"delta": variant, "harmful": f"multijail train ({','.join(fit_langs)}), "
+                                metadata={"harmful": f"multijail train ({','.join(fit_langs)}), "
                                           "advbench train", "harmless": "builtin:harmless train, alpaca train "
                                           "(300 ids), mgsm train (20 ids: en zh th bn sw)"}) for L in layers}
-    base_val = summary(labels["val_harmful"][0], labels["val_harmless"][0])
-    edit_val = summary(labels["val_harmful"][1], labels["val_harmless"][1])
-    lines = [f"# Probe-gated {variant}", "",
+    base_val = summary(val_labels["base"]["val_harmful"], val_labels["base"]["val_harmless"])
+    lines = [f"# Probe-gated {' / '.join(variants)}", "",
              f"Validation ({base_val['per_lang'][ANCHOR]['n']} ids per language): base non-en ASR "
-             f"{base_val['asr_non_en']:.3f}, over-refusal {base_val['over_refusal']:.3f}; ungated: ASR "
-             f"{edit_val['asr_non_en']:.3f} ({edit_val['asr_non_en'] / base_val['asr_non_en'] - 1:+.0%}), "
-             f"over-refusal {edit_val['over_refusal']:.3f}.", "",
-             "| probe layer | threshold | harmful gated on | harmless gated on | en refusal | non-en ASR | relative | over-refusal (rise) |",
-             "|---|---|---|---|---|---|---|---|"]
+             f"{base_val['asr_non_en']:.3f}, over-refusal {base_val['over_refusal']:.3f}."]
+    for v in variants:
+        ev = summary(val_labels[v]["val_harmful"], val_labels[v]["val_harmless"])
+        lines.append(f"Ungated {v}: ASR {ev['asr_non_en']:.3f} ({ev['asr_non_en'] / base_val['asr_non_en'] - 1:+.0%}), "
+                     f"over-refusal {ev['over_refusal']:.3f}, en refusal {ev['en_refusal']:.2f}.")
+    lines += ["", ("| delta " if len(variants) > 1 else "") + "| probe layer | threshold | harmful gated on | "
+              "harmless gated on | en refusal | non-en ASR | relative | over-refusal (rise) |",
+              "|---" * (8 + (len(variants) > 1)) + "|"]
     candidates = []
-    for L, probe in probes.items():
-        for t in thresholds:
-            gate = probe.with_threshold(t)
-            on_h, on_s = gate_on(gate, "val_harmful"), gate_on(gate, "val_harmless")
-            s = summary(compose(*labels["val_harmful"], on_h), compose(*labels["val_harmless"], on_s))
-            frac_h, frac_s = statistics.fmean(on_h.values()), statistics.fmean(on_s.values())
-            rise = s["over_refusal"] - base_val["over_refusal"]
-            eligible = s["en_refusal"] >= base_val["en_refusal"] and rise <= args.max_over_refusal_rise + 1e-12
-            candidates.append((not eligible, round(s["asr_non_en"], 12), frac_s, L, t, s))
-            lines.append(f"| {L} | {t:g} | {frac_h:.2f} | {frac_s:.2f} | {s['en_refusal']:.2f} | {s['asr_non_en']:.3f} | "
-                         f"{s['asr_non_en'] / base_val['asr_non_en'] - 1:+.0%} | {s['over_refusal']:.3f} "
-                         f"({100 * rise:+.1f}){'' if eligible else ' (not eligible)'} |")
-    candidates.sort(key=lambda c: c[:3])
-    not_eligible, _, _, L, t, _ = candidates[0]
+    for vi, v in enumerate(variants):
+        for L, probe in probes.items():
+            for t in thresholds:
+                gate = probe.with_threshold(t)
+                on_h, on_s = gate_on(gate, "val_harmful"), gate_on(gate, "val_harmless")
+                s = summary(compose(val_labels["base"]["val_harmful"], val_labels[v]["val_harmful"], on_h),
+                            compose(val_labels["base"]["val_harmless"], val_labels[v]["val_harmless"], on_s))
+                frac_h, frac_s = statistics.fmean(on_h.values()), statistics.fmean(on_s.values())
+                rise = s["over_refusal"] - base_val["over_refusal"]
+                eligible = s["en_refusal"] >= base_val["en_refusal"] and rise <= args.max_over_refusal_rise + 1e-12
+                candidates.append((not eligible, round(s["asr_non_en"], 12), frac_s, vi, L, t, s))
+                lines.append((f"| {v} " if len(variants) > 1 else "")
+                             + f"| {L} | {t:g} | {frac_h:.2f} | {frac_s:.2f} | {s['en_refusal']:.2f} | "
+                             f"{s['asr_non_en']:.3f} | {s['asr_non_en'] / base_val['asr_non_en'] - 1:+.0%} | "
+                             f"{s['over_refusal']:.3f} ({100 * rise:+.1f}){'' if eligible else ' (not eligible)'} |")
+    candidates.sort(key=lambda c: c[:4])
+    not_eligible, _, _, vi, L, t, _ = candidates[0]
+    variant = variants[vi]
     chosen = probes[L].with_threshold(t)
-    chosen.metadata.update({"chosen_on": "validation", "eligible": not not_eligible})
+    chosen.metadata.update({"delta": variant, "chosen_on": "validation", "eligible": not not_eligible})
     chosen.save(out / "gate.safetensors")
-    lines += ["", f"Chosen on validation: probe layer {L}, threshold {t:g}"
-              + ("" if not not_eligible else " (no gate met the rule: the lowest ASR is shown)") + "."]
-    result = {"variant": variant, "gate": {"layer": L, "threshold": t}, "validation": candidates[0][5]}
+    lines += ["", f"Chosen on validation: {variant + ', ' if len(variants) > 1 else ''}probe layer {L}, "
+              f"threshold {t:g}" + ("" if not not_eligible else " (no gate met the rule: the lowest ASR is shown)") + "."]
+    result = {"variant": variant, "variants": variants, "gate": {"layer": L, "threshold": t},
+              "validation": candidates[0][6]}
 
     if args.verify:
         lines += ["", verify_exactness(model, tok, root / "deltas" / f"{variant}.safetensors", chosen,
@@ -291,7 +302,10 @@ def main(argv: list[str] | None = None) -> int:
         on = gate_on(chosen, name)
         lines.append(f"| {name} | {kind} | {sum(on.values())} of {len(on)} ({statistics.fmean(on.values()):.0%}) |")
         result.setdefault("gated_on", {})[name] = [sum(on.values()), len(on)]
-    if have_test:
+    test_files = {"test_harmful": [root / "test" / "generations" / f"{n}.jsonl" for n in ("base", f"best-{variant}")],
+                  "test_harmless": [root / "test" / "over_refusal" / f"{n}.jsonl" for n in ("base", f"best-{variant}")]}
+    if all(p.is_file() for paths in test_files.values() for p in paths) and "test_harmful" in sets:
+        labels = {k: [judged(read_responses(p), judge) for p in paths] for k, paths in test_files.items()}
         on_h, on_s = gate_on(chosen, "test_harmful"), gate_on(chosen, "test_harmless")
         base_h, edit_h = labels["test_harmful"]
         gated_h = compose(base_h, edit_h, on_h)
@@ -322,7 +336,9 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(f"| harmful / harmless test prompts gated on | — | all | {statistics.fmean(on_h.values()):.2f} / "
                      f"{statistics.fmean(on_s.values()):.2f} |")
     else:
-        lines += ["", "No test-stage files yet: validation only."]
+        lines += ["", f"No test-stage files for {variant} yet: validation only. Run `python bench/multijail_proof.py "
+                  f"-o {root} --stage test --best {variant} --test-variants base,best` (with the proof's test "
+                  "options), then this again."]
     text = "\n".join(lines)
     print(text)
     (out / "gate.md").write_text(text + "\n", encoding="utf-8")

@@ -127,10 +127,11 @@ SWEEP: dict[str, tuple[dict, str]] = {
                                ("lam10x", {"lam_rel": 0.1}, "ridge λ_rel 0.1 (10× the default)"),
                                ("enref", {"hold_anchor_refused": True},
                                 "the harmless ids English refuses held in place, not mapped"))},
-    # the edit's strength (SparseDelta.scaled: α·ΔW) of the rank-32 row: less of a stronger edit
+    # the edit's strength (SparseDelta.scaled: α·ΔW) of the rank-32 row: less of a stronger edit, or
+    # more of it for a probe-gated edit (bench/multijail_gate.py), where harmless prompts mostly see none
     **{f"R20-hold-h16-thar16-r32-s{round(100 * s):03d}": (
         {"method": "residual", "layer": 20, **BEST_RESIDUAL, "rank": 32, "strength": s},
-        f"R20-hold-h16-thar16, rank 32, applied at strength {s}") for s in (0.75, 0.9)},
+        f"R20-hold-h16-thar16, rank 32, applied at strength {s}") for s in (0.75, 0.9, 1.25, 1.5, 2.0)},
 }
 DEFAULT_SWEEP = [name for name, (over, _) in SWEEP.items() if "method" not in over] + [
     "R20", "R20-w1", "R20-hold-h16", "R20-hold-ar-h16"]
