@@ -236,7 +236,7 @@ _REGISTRARS: list[Callable[[argparse._SubParsersAction], None]] = [_add_models, 
 
 # Larger commands live in their own modules under ``edit_runtime/commands/``; each exposes
 # ``register(sub)`` and imports only argparse at module level so ``--help`` stays fast.
-_COMMAND_MODULES = ("eval", "serve", "export")
+_COMMAND_MODULES = ("eval", "serve", "export", "gate")
 
 
 def _command_registrars() -> list[Callable[[argparse._SubParsersAction], None]]:

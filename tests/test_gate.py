@@ -289,3 +289,46 @@ def test_real_smollm2_gate_fitted_on_prompts(smollm2):
     finally:
         handle.remove()
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules()), "a hook was left behind"
+
+
+@pytest.mark.slow
+def test_cli_gate_fits_reports_and_picks_the_threshold(smollm2, tmp_path, capsys):
+    """``edit-runtime gate`` on the real SmolLM2: the written gate is the probe fitted on the train
+    prompts' features (refitted here from last_token_hidden), its threshold turns the edit on for
+    the asked fraction of the validation harmless prompts, and bad input fails before the model
+    loads."""
+    from edit_runtime.cli import main
+    from edit_runtime.data import load_prompts
+
+    model, tok = smollm2
+    out = tmp_path / "gate.safetensors"
+    args = ["gate", "--model", "smollm2-135m-instruct", "--layer", "6", "--harmful", "builtin:harmful",
+            "--harmless", "builtin:harmless", "--langs", "en,fr", "--limit", "24", "--harmless-on", "0.25",
+            "--no-progress", "--threads", "1", "-o", str(out)]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "| builtin:harmful | harmful |" in printed and "(chosen)" in printed
+    gate = ProbeGate.load(out)
+
+    def feats(source, label, split):
+        ps = [p for p in load_prompts(source, split=split, label=label) if p.lang in ("en", "fr")]
+        keep = set(sorted({p.id for p in ps})[:24])
+        return last_token_hidden(model, tok, [p.text for p in ps if p.id in keep], [6])[6]
+
+    train_h, train_s = feats("builtin:harmful", "harmful", "train"), feats("builtin:harmless", "harmless", "train")
+    assert gate.layer == 6 and gate.metadata["harmful"] == {"builtin:harmful": len(train_h)}
+    assert gate.metadata["harmless"] == {"builtin:harmless": len(train_s)} == {"builtin:harmless": 48}
+    ref = fit_probe_gate(train_h, train_s, 6)
+    torch.testing.assert_close(gate.weight, ref.weight, rtol=1e-4, atol=1e-5)
+    val_s = gate.score(feats("builtin:harmless", "harmless", "validation"))
+    on = float((val_s > gate.threshold).float().mean())
+    assert abs(on - 0.25) <= 1.0 / len(val_s) + 1e-9, on
+    val_h = gate.score(feats("builtin:harmful", "harmful", "validation"))
+    assert gate.metadata["validation_on"] == {"harmless:builtin:harmless": pytest.approx(on),
+                                              "harmful:builtin:harmful": pytest.approx(
+                                                  float((val_h > gate.threshold).float().mean()))}
+    # bad input: a source without those languages, before any model load
+    assert main(["gate", "--model", "no-such-model", "--layer", "6", "--harmful", "advbench", "--harmless",
+                 "builtin:harmless", "--langs", "zh", "-o", str(tmp_path / "x.safetensors")]) == 2
+    assert "--harmful advbench: no train prompts in languages ['zh']" in capsys.readouterr().err
+    assert not (tmp_path / "x.safetensors").exists()
