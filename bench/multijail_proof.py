@@ -107,6 +107,8 @@ SWEEP: dict[str, tuple[dict, str]] = {
                            "residual fit, bn, sw and th held (16), Arabic harmless rows weight 16"),
     "R20-hold-h16-thar16-it": ({"method": "residual", "layer": 20, **BEST_RESIDUAL, "extra_fit_langs": ["it"]},
                                "R20-hold-h16-thar16 with Italian fitted too (no longer a transfer check)"),
+    "R20-hold-h16-thar16-it-r32": ({"method": "residual", "layer": 20, **BEST_RESIDUAL, "extra_fit_langs": ["it"],
+                                    "rank": 32}, "R20-hold-h16-thar16 with Italian fitted too, rank 32"),
     "R20-hold3": ({"method": "residual", "layer": 20, "hold_langs": ["bn", "sw", "th"]},
                   "residual fit, bn, sw and th held in place"),
     "R18": ({"method": "residual", "layer": 18}, "residual fit: layer 18 down_proj, harmless weight 4"),
@@ -128,10 +130,11 @@ SWEEP: dict[str, tuple[dict, str]] = {
                                ("enref", {"hold_anchor_refused": True},
                                 "the harmless ids English refuses held in place, not mapped"))},
     # the edit's strength (SparseDelta.scaled: α·ΔW) of the rank-32 row: less of a stronger edit, or
-    # more of it for a probe-gated edit (bench/multijail_gate.py), where harmless prompts mostly see none
+    # more of it for a probe-gated edit (harmless prompts mostly see none); 1.5 overshoots: Arabic,
+    # Thai and Italian comply more than at 1 (validation ASR −29 % against −41 %)
     **{f"R20-hold-h16-thar16-r32-s{round(100 * s):03d}": (
         {"method": "residual", "layer": 20, **BEST_RESIDUAL, "rank": 32, "strength": s},
-        f"R20-hold-h16-thar16, rank 32, applied at strength {s}") for s in (0.75, 0.9, 1.25, 1.5, 2.0)},
+        f"R20-hold-h16-thar16, rank 32, applied at strength {s}") for s in (0.75, 0.9, 1.5)},
 }
 DEFAULT_SWEEP = [name for name, (over, _) in SWEEP.items() if "method" not in over] + [
     "R20", "R20-w1", "R20-hold-h16", "R20-hold-ar-h16"]
