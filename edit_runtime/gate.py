@@ -41,7 +41,7 @@ from torch import nn
 
 from edit_runtime.arch import find_decoder_layers
 from edit_runtime.delta import SparseDelta
-from edit_runtime.patch import PatchError, PatchHandle
+from edit_runtime.patch import PatchHandle
 
 GATE_FORMAT = "edit_runtime.probe_gate/1"
 

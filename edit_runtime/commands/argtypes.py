@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-__all__ = ["RESIDUAL_ONLY_OPTIONS", "csv_list", "given_flags", "int_list", "positive_int"]
+__all__ = ["RESIDUAL_ONLY_OPTIONS", "csv_list", "gate_spec", "gates_by_delta", "given_flags", "int_list", "positive_int"]
 
 #: options only ``--method residual`` reads (``edit-runtime fit`` and the demo), as
 #: (flag, argparse dest); each defaults to None so that a given value can be told apart
@@ -67,3 +67,24 @@ def given_flags(args: argparse.Namespace, options: "tuple[tuple[str, str], ...]"
     command line gave, e.g. to refuse options another ``--method`` reads. A given ``0`` or empty
     value counts as given; a dest the parser does not define counts as not given."""
     return [flag for flag, dest in options if getattr(args, dest, None) is not None]
+
+
+def gate_spec(text: str) -> tuple[str, str]:
+    """``--gate NAME=PATH`` (``eval`` and ``serve``): the probe gate of the delta named NAME."""
+    name, sep, path = text.partition("=")
+    name, path = name.strip(), path.strip()
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"--gate expects NAME=PATH (NAME: a --delta's name), got {text!r}")
+    return name, path
+
+
+def gates_by_delta(gates: "list[tuple[str, str]]", delta_names: "list[str]") -> dict[str, str]:
+    """``{delta name: gate path}`` of the ``--gate`` options; a second gate for one delta or a gate
+    for no ``--delta`` raises ``ValueError``."""
+    names = [n for n, _ in gates]
+    if len(set(names)) != len(names):
+        raise ValueError(f"one --gate per delta, got {names}")
+    unknown = [n for n in names if n not in delta_names]
+    if unknown:
+        raise ValueError(f"--gate for unknown deltas {unknown}; deltas: {list(delta_names)}")
+    return dict(gates)

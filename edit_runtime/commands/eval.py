@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import argparse
 
-from edit_runtime.commands.argtypes import csv_list, positive_int
+from edit_runtime.commands.argtypes import csv_list, gate_spec, gates_by_delta, positive_int
 
 UTILITY_METRICS = ("mgsm", "xcopa", "over-refusal", "kl")
 
@@ -35,15 +35,6 @@ def _delta_spec(text: str) -> tuple[str | None, str]:
     name, path = name.strip(), path.strip()
     if not name or not path:
         raise argparse.ArgumentTypeError(f"--delta expects PATH or NAME=PATH, got {text!r}")
-    return name, path
-
-
-def _gate_spec(text: str) -> tuple[str, str]:
-    """``NAME=PATH``: the probe gate of the ``--delta`` named NAME."""
-    name, sep, path = text.partition("=")
-    name, path = name.strip(), path.strip()
-    if not sep or not name or not path:
-        raise argparse.ArgumentTypeError(f"--gate expects NAME=PATH (NAME: a --delta's name), got {text!r}")
     return name, path
 
 
@@ -103,7 +94,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     _add_common(p)
     p.add_argument("--delta", action="append", type=_delta_spec, default=[], metavar="[NAME=]PATH",
                    help="a delta to evaluate against the base model (repeatable)")
-    p.add_argument("--gate", action="append", type=_gate_spec, default=[], metavar="NAME=PATH",
+    p.add_argument("--gate", action="append", type=gate_spec, default=[], metavar="NAME=PATH",
                    help="a probe gate (edit_runtime.gate) for the --delta named NAME: that delta is then "
                         "on only for the prompts the probe flags (repeatable; give the same delta twice, "
                         "under two names, to compare it gated and ungated)")
@@ -352,13 +343,7 @@ def run_eval(args: argparse.Namespace) -> int:
         variants[name] = path
     if not variants:
         raise ValueError("nothing to evaluate: --no-base and no --delta")
-    gates = dict(args.gate)
-    if len(gates) != len(args.gate):
-        raise ValueError(f"two --gate options for one delta: {[n for n, _ in args.gate]}")
-    for name, gate_path in gates.items():
-        if variants.get(name) is None:
-            raise ValueError(f"--gate {name}={gate_path}: no --delta named {name!r} "
-                             f"(deltas: {[n for n, v in variants.items() if v is not None]})")
+    for name, gate_path in gates_by_delta(args.gate, [n for n, v in variants.items() if v is not None]).items():
         # both files read now: a bad gate fails before the model loads
         variants[name] = GatedDelta.load(variants[name], gate_path)
     neuron_sets = NeuronSets.load_json(args.neurons) if args.neurons else None

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import argparse
 
-from edit_runtime.commands.argtypes import positive_int
+from edit_runtime.commands.argtypes import gate_spec, gates_by_delta, positive_int
 
 
 def _delta_spec(text: str) -> tuple[str, str]:
@@ -27,14 +27,6 @@ def _delta_spec(text: str) -> tuple[str, str]:
     return name, path
 
 
-def _gate_spec(text: str) -> tuple[str, str]:
-    name, sep, path = text.partition("=")
-    name, path = name.strip(), path.strip()
-    if not sep or not name or not path:
-        raise argparse.ArgumentTypeError(f"--gate expects NAME=PATH (NAME: a --delta's name), got {text!r}")
-    return name, path
-
-
 def register(sub: argparse._SubParsersAction) -> None:
     """Adds the ``serve`` sub-command."""
     p = sub.add_parser("serve", help="OpenAI-compatible server (chat/completions, streaming) with per-request edits",
@@ -42,7 +34,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", required=True, help="short name, HF folder, .gguf file or hub id")
     p.add_argument("--delta", action="append", type=_delta_spec, default=[], metavar="NAME=PATH",
                    help="a delta to offer as model '<served-name>+NAME' (repeatable)")
-    p.add_argument("--gate", action="append", type=_gate_spec, default=[], metavar="NAME=PATH",
+    p.add_argument("--gate", action="append", type=gate_spec, default=[], metavar="NAME=PATH",
                    help="a probe gate for delta NAME: the edit is on only for prompts the probe flags (repeatable)")
     p.add_argument("--merged", action="store_true",
                    help="merge the only delta into the weights (zero overhead; the base model is not offered)")
@@ -85,17 +77,12 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--merged needs exactly one --delta, got {len(args.delta)}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    gate_names = [n for n, _ in args.gate]
-    if len(set(gate_names)) != len(gate_names):
-        raise ValueError(f"one --gate per delta, got {gate_names}")
-    unknown = [n for n in gate_names if n not in names]
-    if unknown:
-        raise ValueError(f"--gate for unknown deltas {unknown}; deltas: {names}")
-    if args.merged and args.gate:
+    gate_paths = gates_by_delta(args.gate, names)
+    if args.merged and gate_paths:
         raise ValueError("--merged folds the edit into the weights: it cannot be gated per request")
     # fail fast, before the model loads
     deltas = {name: SparseDelta.load(path) for name, path in args.delta}
-    gates = {name: ProbeGate.load(path) for name, path in args.gate}
+    gates = {name: ProbeGate.load(path) for name, path in gate_paths.items()}
     model, tokenizer = load_model(args.model, dtype=getattr(torch, args.dtype), device=args.device)
     engine = ServingEngine(
         model, tokenizer, deltas,
