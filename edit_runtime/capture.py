@@ -192,6 +192,16 @@ class _StopForward(Exception):
     """Raised from the hook of the last needed layer to end the forward early."""
 
 
+def _forward_until_stopped(model: nn.Module, batch: "_Batch") -> None:
+    """One no-cache forward of ``batch`` (hooks read what they need); a hook's
+    :class:`_StopForward` ends it early. Callers hold ``torch.no_grad()``."""
+    try:
+        model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
+              use_cache=False)
+    except _StopForward:
+        pass
+
+
 # --------------------------------------------------------------------------------------------
 # statistics containers
 # --------------------------------------------------------------------------------------------

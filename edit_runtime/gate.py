@@ -360,7 +360,8 @@ def last_token_hidden(model: nn.Module, tokenizer: Any, texts: Sequence[str], la
     left-padded, so the last position is the last prompt token; the forward stops after the last
     layer asked for. Batching and padding are the capture's (:mod:`edit_runtime.capture`).
     """
-    from edit_runtime.capture import _input_device, _make_batch, _pad_id, _StopForward, encode_prompts
+    from edit_runtime.capture import (_forward_until_stopped, _input_device, _make_batch, _pad_id, _StopForward,
+                                      encode_prompts)
 
     decoder_layers = find_decoder_layers(model)[1]
     if not layers:
@@ -391,12 +392,8 @@ def last_token_hidden(model: nn.Module, tokenizer: Any, texts: Sequence[str], la
     try:
         with torch.no_grad():
             for batch in batches:
-                b = _make_batch([ids[i] for i in batch], pad_id=pad_id, side="left", device=device)
-                try:
-                    model(input_ids=b.input_ids, attention_mask=b.attention_mask, position_ids=b.position_ids,
-                          use_cache=False)
-                except _StopForward:
-                    pass
+                _forward_until_stopped(model, _make_batch([ids[i] for i in batch], pad_id=pad_id, side="left",
+                                                          device=device))
                 for layer in layers:
                     out[layer][batch] = current[layer]
     finally:

@@ -51,8 +51,8 @@ from torch import nn
 
 import edit_runtime
 from edit_runtime.arch import find_decoder_layers, find_mlp
-from edit_runtime.capture import (_input_device, _make_batch, _pad_id, _StopForward, encode_prompts,
-                                  model_fingerprint, patch_fingerprint)
+from edit_runtime.capture import (_forward_until_stopped, _input_device, _make_batch, _pad_id, _StopForward,
+                                  encode_prompts, model_fingerprint, patch_fingerprint)
 from edit_runtime.data import Prompt, dataset_hash
 from edit_runtime.delta import ModuleEdit, SparseDelta, compute_fingerprint
 from edit_runtime.fit import FitResult, LayerReport
@@ -253,11 +253,7 @@ def collect_residual_stats_layers(model: nn.Module, tokenizer: Any, prompts: Seq
         for s in range(0, len(order), batch_size):
             idx = order[s:s + batch_size]
             b = _make_batch([seqs[i] for i in idx], pad_id=pad_id, side="left", device=device)
-            try:
-                model(input_ids=b.input_ids, attention_mask=b.attention_mask, position_ids=b.position_ids,
-                      use_cache=False)
-            except _StopForward:
-                pass
+            _forward_until_stopped(model, b)
             other = b.attention_mask.cpu().bool().clone()
             other[:, -1] = False                                  # left padding: the last column is the last token
             for l, a in acc.items():

@@ -794,8 +794,10 @@ class ServingEngine:
             for i, seq in enumerate(seqs):
                 if seq.delta == name:
                     seq.gate_on = bool(decided[i]) if decided is not None else False
-                    with self.metrics.lock:
-                        self._gate_counts[name]["on" if seq.gate_on else "off"] += 1
+            counts = [s.gate_on for s in seqs if s.delta == name]
+            with self.metrics.lock:
+                self._gate_counts[name]["on"] += sum(counts)
+                self._gate_counts[name]["off"] += len(counts) - sum(counts)
 
     def _forward(self, input_ids: "torch.Tensor", cache: Any, attention_mask: "torch.Tensor | None" = None,
                  position_ids: "torch.Tensor | None" = None, keep: "torch.Tensor | None" = None) -> "torch.Tensor":
