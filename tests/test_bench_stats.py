@@ -214,3 +214,21 @@ def test_gated_labels_compose_base_and_edited_per_prompt():
     assert s["over_refusal"] == pytest.approx((0.5 + 0.0) / 2) and s["over_refused"] == {"en": 1, "zh": 0}
     rel, lo, hi = gate_bench.paired_interval(base, gated, boot=200)
     assert rel == pytest.approx(0.5 / 1.0 - 1) and lo <= rel <= hi
+
+
+def test_gate_bench_judges_keyword_or_similarity_anchored_on_english():
+    """``--judge similarity`` anchors every MultiJail and built-in harmless prompt on its English
+    version by id; ``--judge keyword`` is the proof's judge."""
+    from edit_runtime.data import load_prompts
+    from edit_runtime.judge import KeywordJudge
+    from edit_runtime.similarity import SimilarityJudge
+
+    assert type(gate_bench.make_judge("keyword")) is KeywordJudge
+    judge = gate_bench.make_judge("similarity")
+    assert isinstance(judge, SimilarityJudge) and isinstance(judge.base, KeywordJudge)
+    for source, lang in (("multijail", "th"), ("builtin:harmless", "zh")):
+        prompts = load_prompts(source, langs=["en", lang], limit=3)
+        en = {p.id: p.text for p in prompts if p.lang == "en"}
+        for p in prompts:
+            assert judge.anchor(p.text) == en[p.id]
+
