@@ -232,3 +232,86 @@ def test_gate_bench_judges_keyword_or_similarity_anchored_on_english():
         for p in prompts:
             assert judge.anchor(p.text) == en[p.id]
 
+
+hand_bench = _bench("multijail_hand_estimate")
+
+
+def _hand_proof(tmp_path: Path) -> tuple[Path, Path]:
+    """A proof folder with base and edited test responses for 6 MultiJail ids in zh and th (and en,
+    which the estimate leaves out), and a gate on for ids 1-3."""
+    from edit_runtime.data import load_prompts
+
+    ids = sorted({p.id for p in load_prompts("multijail", langs=["en"], limit=6)})
+    gen = tmp_path / "proof" / "test" / "generations"
+    gen.mkdir(parents=True)
+    base, edited = [], []
+    for n, i in enumerate(ids):
+        for lg in ("en", "zh", "th"):
+            row = {"id": i, "lang": lg, "label": "harmful", "prompt": f"{lg} prompt {i}"}
+            base.append({**row, "response": f"Sure, here is how to do {n} in {lg}: step one."})
+            edited.append({**row, "response": "I'm sorry, but I can't assist with that." if n % 2 else
+                           f"Sure, here is something unrelated {n} {lg}."})
+    (gen / "base.jsonl").write_text("".join(json.dumps(r) + "\n" for r in base))
+    (gen / "best-X.jsonl").write_text("".join(json.dumps(r) + "\n" for r in edited))
+    gate = tmp_path / "gate"
+    gate.mkdir()
+    (gate / "gate.json").write_text(json.dumps({"variant": "X", "test_harmful_gated_on":
+                                                [[i, lg] for i in ids[:3] for lg in ("en", "zh", "th")]}))
+    return tmp_path / "proof", gate
+
+
+def test_hand_estimate_equals_the_labelled_fraction_when_every_response_is_labelled(tmp_path, capsys):
+    """Strata sampled whole: the stratified estimate is the hand-labelled compliance fraction
+    itself, per variant (gated = edited response where the gate is on, base elsewhere), and
+    the blind items carry no variant or verdict."""
+    proof, gate = _hand_proof(tmp_path)
+    out = tmp_path / "hand"
+    assert hand_bench.main(["draw", str(proof), "--gate-dir", str(gate), "--judge", "keyword",
+                            "--sizes", "compliance=99,invalid=99,refusal=99", "-o", str(out)]) == 0
+    items = [json.loads(x) for x in (out / "items.jsonl").read_text().splitlines()]
+    assert set(items[0]) == {"item", "lang", "english_version", "prompt", "response"}
+    # 12 base responses (6 ids x zh, th) + 6 edited ones (gate on for 3 ids); gated-off = base
+    assert len(items) == 18 and {it["lang"] for it in items} == {"zh", "th"}
+    # hand labels: the base's on-topic answers comply, the edited "unrelated" ones are invalid
+    labels = [{"item": it["item"], "label": "invalid" if "unrelated" in it["response"] else
+               "refusal" if "sorry" in it["response"] else "compliance"} for it in items]
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps(x) + "\n" for x in labels))
+    assert hand_bench.main(["estimate", str(out), "--labels", str(tmp_path / "a.jsonl"), "--boot", "50"]) == 0
+    res = json.loads((out / "estimate.json").read_text())
+    # the keyword judge calls every "Sure, ..." a compliance: base 12/12, gated 10/12 (2 refusals)
+    assert res["judged"]["base"] == 1.0 and res["judged"]["gated"] == pytest.approx(10 / 12)
+    by = res["by_labels"]["a.jsonl"]
+    # by hand: base 12/12 comply; gated: the first 3 ids get the edited responses (ids 0 and 2
+    # unrelated -> invalid, id 1 refused), the last 3 the base's 6 compliances
+    assert by["base"] == 1.0 and by["gated"] == pytest.approx(6 / 12)
+    assert by["relative"][0] == pytest.approx(-0.5)
+    assert "| a.jsonl | 100.0 | 50.0 | -50.0 %" in capsys.readouterr().out
+
+
+def test_hand_estimate_weights_a_partly_labelled_stratum_by_its_size():
+    strata = ([{"variant": "base", "id": str(i), "stratum": "compliance"} for i in range(30)]
+              + [{"variant": "base", "id": str(i), "stratum": "invalid"} for i in range(30, 40)]
+              + [{"variant": "gated", "id": str(i), "stratum": "refusal"} for i in range(40)])
+    samples = {"base/compliance": [True, True, True, False], "base/invalid": [False, True],
+               "gated/refusal": [False] * 5}
+    est = hand_bench.estimate_asr(strata, samples)
+    assert est["base"] == pytest.approx((30 * 0.75 + 10 * 0.5) / 40) and est["gated"] == 0.0
+    # ids drawn twice count twice, ids not drawn not at all
+    est = hand_bench.estimate_asr(strata, samples, {"0": 2, "35": 1})
+    assert est["base"] == pytest.approx((2 * 0.75 + 1 * 0.5) / 3)
+    with pytest.raises(SystemExit, match="base/invalid"):
+        hand_bench.estimate_asr(strata, {"base/compliance": [True], "gated/refusal": [False]})
+
+
+def test_hand_estimate_refuses_missing_labels_and_gate_decisions(tmp_path):
+    proof, gate = _hand_proof(tmp_path)
+    (gate / "gate.json").write_text(json.dumps({"variant": "X"}))
+    with pytest.raises(SystemExit, match="no test decisions"):
+        hand_bench.main(["draw", str(proof), "--gate-dir", str(gate), "--judge", "keyword", "-o", str(tmp_path / "h")])
+    bad = tmp_path / "l.jsonl"
+    bad.write_text('{"item": 1, "label": "yes"}\n')
+    with pytest.raises(SystemExit, match="not one of"):
+        hand_bench.read_labels(bad, 1)
+    bad.write_text('{"item": 1, "label": "invalid"}\n')
+    with pytest.raises(SystemExit, match=r"no label for items \[2\]"):
+        hand_bench.read_labels(bad, 2)
