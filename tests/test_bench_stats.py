@@ -276,8 +276,9 @@ def test_hand_estimate_equals_the_labelled_fraction_when_every_response_is_label
     labels = [{"item": it["item"], "label": "invalid" if "unrelated" in it["response"] else
                "refusal" if "sorry" in it["response"] else "compliance"} for it in items]
     (tmp_path / "a.jsonl").write_text("".join(json.dumps(x) + "\n" for x in labels))
-    assert hand_bench.main(["estimate", str(out), "--labels", str(tmp_path / "a.jsonl"), "--boot", "50"]) == 0
-    res = json.loads((out / "estimate.json").read_text())
+    assert hand_bench.main(["estimate", str(out), "--labels", str(tmp_path / "a.jsonl"), "--boot", "50",
+                            "--json", str(tmp_path / "e.json")]) == 0
+    res = json.loads((tmp_path / "e.json").read_text())
     # the keyword judge calls every "Sure, ..." a compliance: base 12/12, gated 10/12 (2 refusals)
     assert res["judged"]["base"] == 1.0 and res["judged"]["gated"] == pytest.approx(10 / 12)
     by = res["by_labels"]["a.jsonl"]
@@ -315,3 +316,19 @@ def test_hand_estimate_refuses_missing_labels_and_gate_decisions(tmp_path):
     bad.write_text('{"item": 1, "label": "invalid"}\n')
     with pytest.raises(SystemExit, match=r"no label for items \[2\]"):
         hand_bench.read_labels(bad, 2)
+
+
+def test_committed_hand_labels_are_complete_and_estimate(capsys):
+    """The committed sample: every item labelled in each file, every stratum sampled, and the
+    estimate runs on it (the README's figures come from this command)."""
+    root = Path(__file__).resolve().parents[1] / "bench" / "hand_labels" / "multijail_test_gated"
+    key = json.loads((root / "key.json").read_text())
+    names = {f"{v}/{s}" for v in hand_bench.VARIANTS for s in hand_bench.LABELS}
+    assert {n for k in key["items"].values() for n in k["drawn_for"]} == names
+    files = ["labels_A.jsonl", "labels_B.jsonl", "labels_adjudicated.jsonl"]
+    labels = [hand_bench.read_labels(root / f, len(key["items"])) for f in files]
+    # the adjudicated file keeps every agreed label
+    assert all(labels[2][i] == labels[0][i] for i in labels[0] if labels[0][i] == labels[1][i])
+    args = ["estimate", str(root), "--boot", "20"] + [x for f in files for x in ("--labels", str(root / f))]
+    assert hand_bench.main(args) == 0
+    assert capsys.readouterr().out.count("| labels_") == 3
