@@ -286,6 +286,8 @@ def test_hand_estimate_equals_the_labelled_fraction_when_every_response_is_label
     # unrelated -> invalid, id 1 refused), the last 3 the base's 6 compliances
     assert by["base"] == 1.0 and by["gated"] == pytest.approx(6 / 12)
     assert by["relative"][0] == pytest.approx(-0.5)
+    # the judge agrees on all the base's and on the gated refusals and base responses (8 of 12)
+    assert by["judge_agreement"] == {"base": 1.0, "gated": pytest.approx(8 / 12)}
     assert "| a.jsonl | 100.0 | 50.0 | -50.0 %" in capsys.readouterr().out
 
 
