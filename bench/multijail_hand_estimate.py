@@ -46,6 +46,8 @@ from pathlib import Path
 
 import numpy as np
 
+from edit_runtime.data import load_prompts
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling bench scripts
 from multijail_gate import ANCHOR, JUDGES, judged, make_judge, read_responses  # noqa: E402
 
@@ -86,6 +88,7 @@ def gated_rows(root: Path, gate_dir: Path) -> dict[str, dict[tuple[str, str], di
 
 
 def draw(args: argparse.Namespace) -> int:
+    """Judge, stratify, sample; write the blind items, the key and the strata (module docstring)."""
     rows = gated_rows(args.proof_dir, args.gate_dir)
     sizes = parse_sizes(args.sizes)
     judge = make_judge(args.judge)
@@ -98,8 +101,8 @@ def draw(args: argparse.Namespace) -> int:
             keys = sorted(k for k, lab in stratum[v].items() if lab == s)
             n = min(sizes.get(s, 0), len(keys))
             picked[f"{v}/{s}"] = rng.sample(keys, n)
-    items: dict[str, dict] = {}
-    key: dict[str, dict] = {}
+    items: dict[tuple[str, str, str], dict] = {}  # (id, lang, response sha256) -> the item
+    key: dict[tuple[str, str, str], dict] = {}
     for name, keys in picked.items():
         v = name.split("/")[0]
         for k in keys:
@@ -109,7 +112,6 @@ def draw(args: argparse.Namespace) -> int:
             key.setdefault(h, {"sha256": h[2], "id": k[0], "lang": k[1], "drawn_for": []})["drawn_for"].append(name)
     order = sorted(items)
     rng.shuffle(order)
-    from edit_runtime.data import load_prompts
     english = {p.id: p.text for p in load_prompts("multijail", langs=[ANCHOR])}
     out: Path = args.output
     out.mkdir(parents=True, exist_ok=True)
