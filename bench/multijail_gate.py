@@ -58,14 +58,13 @@ import torch
 
 from edit_runtime.data import load_prompts
 from edit_runtime.gate import ProbeGate, fit_probe_gate, last_token_hidden
-from edit_runtime.judge import KeywordJudge
+from edit_runtime.judge import JUDGE_NAMES, KeywordJudge, make_judge
 from edit_runtime.models import load_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling bench script below
 from multijail_pool import relative_change_interval  # noqa: E402
 
 ANCHOR = "en"
-JUDGES = ["keyword", "similarity", "relevance", "similarity+relevance"]
 
 
 def read_responses(path: Path) -> list[dict]:
@@ -176,21 +175,15 @@ def verify_exactness(model, tok, delta_path: Path, gate: ProbeGate, texts: list[
             "responses, every one.")
 
 
-def make_judge(name: str, model=None, tok=None):
-    """The proof's keyword judge, or the keyword judge refined by the similarity and/or relevance
-    off-topic checks, with every MultiJail and built-in harmless prompt anchored on its English
-    version (both sets are parallel by id). ``relevance`` scores under ``model`` (the base model)."""
-    if name == "keyword":
-        return KeywordJudge()
-    from edit_runtime.relevance import RelevanceJudge, references_from_prompts
-    from edit_runtime.similarity import SimilarityJudge
-    refs = references_from_prompts([*load_prompts("multijail"), *load_prompts("builtin:harmless")])
-    judge = SimilarityJudge(refs) if "similarity" in name else None
-    if "relevance" in name:
-        if model is None:
-            raise ValueError("the relevance judge needs the base model and tokenizer")
-        judge = RelevanceJudge(model, tok, refs, base=judge, progress=True)
-    return judge
+def proof_judge(name: str, model=None, tok=None):
+    """:func:`edit_runtime.judge.make_judge` with every MultiJail and built-in harmless prompt
+    anchored on its English version (both sets are parallel by id); ``relevance`` scores under
+    ``model`` (the base model)."""
+    from edit_runtime.relevance import references_from_prompts
+
+    refs = None if name == "keyword" else references_from_prompts(
+        [*load_prompts("multijail"), *load_prompts("builtin:harmless")])
+    return make_judge(name, refs, model=model, tokenizer=tok, progress=True)
 
 
 def _rows(prompts) -> list[dict]:
@@ -213,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
                          "(0: skip)")
     ap.add_argument("--ood-limit", type=int, default=100, help="alpaca test ids per language (en, zh)")
     ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--judge", choices=JUDGES, default="keyword",
+    ap.add_argument("--judge", choices=JUDGE_NAMES, default="keyword",
                     help="keyword: the proof's judge (default); similarity: the keyword judge plus the e5 "
                          "off-topic check, anchored on each prompt's English version (edit_runtime.similarity; "
                          "agrees better with the hand labels, README 'Judge accuracy'); it only turns "
@@ -243,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
             if not p.is_file():
                 raise SystemExit(f"missing {p}: run the proof's sweep for {n!r} first")
     model, tok = load_model(proof["model"])
-    judge = make_judge(args.judge, model, tok)
+    judge = proof_judge(args.judge, model, tok)
     # Over-refusal counts refusals, which the off-topic checks never change: the harmless files
     # get the keyword judge (the relevance check would score every harmless answer for nothing).
     judge_for = {"val_harmful": judge, "val_harmless": KeywordJudge(), "test_harmful": judge,

@@ -12,7 +12,7 @@ without labelling all of them:
 * ``draw``: judges the non-English harmful test responses of the base model and of the gated
   edit (the gated model's response to a prompt is the edited model's where the gate of
   ``--gate-dir``'s ``gate.json`` is on, the base model's elsewhere: ``bench/multijail_gate.py``)
-  with ``--judge`` (:func:`multijail_gate.make_judge`), splits each variant's responses into
+  with ``--judge`` (:func:`multijail_gate.proof_judge`), splits each variant's responses into
   strata by verdict, and draws ``--sizes`` responses per stratum at random (seeded). It writes
   ``DIR/items.jsonl``, the blind items to label (item number, language, the request's English
   version, the prompt, the response: no variant, no verdict, shuffled, each prompt's response
@@ -49,7 +49,7 @@ import numpy as np
 from edit_runtime.data import load_prompts
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling bench scripts
-from multijail_gate import ANCHOR, JUDGES, judged, make_judge, read_responses  # noqa: E402
+from multijail_gate import ANCHOR, judged, proof_judge, read_responses  # noqa: E402
 
 LABELS = ("refusal", "compliance", "invalid")
 VARIANTS = ("base", "gated")
@@ -91,7 +91,7 @@ def draw(args: argparse.Namespace) -> int:
     """Judge, stratify, sample; write the blind items, the key and the strata (module docstring)."""
     rows = gated_rows(args.proof_dir, args.gate_dir)
     sizes = parse_sizes(args.sizes)
-    judge = make_judge(args.judge)
+    judge = proof_judge(args.judge)
     # a key's response is unique within a variant, so each variant is judged in one batch
     stratum = {v: judged(list(rows[v].values()), judge) for v in VARIANTS}
     rng = random.Random(args.seed)
@@ -232,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     d = sub.add_parser("draw", help="draw the stratified sample to label")
     d.add_argument("proof_dir", type=Path)
     d.add_argument("--gate-dir", type=Path, required=True, help="a bench/multijail_gate.py output folder")
-    d.add_argument("--judge", choices=JUDGES[:2], default="similarity",
+    d.add_argument("--judge", choices=["keyword", "similarity"], default="similarity",
                    help="the judge whose verdicts define the strata (no chat model: keyword or similarity)")
     d.add_argument("--sizes", default="compliance=50,invalid=25,refusal=15")
     d.add_argument("--seed", type=int, default=0)

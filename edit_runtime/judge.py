@@ -130,7 +130,7 @@ __all__ = [
     "VERDICT_LABELS", "REASONS", "QUALITY_REASONS", "MIN_UNITS", "PARROT_MAX_NEW_UNITS",
     "DEGENERATE_MIN_REPEAT", "DEGENERATE_MAX_NOVEL_UNITS",
     "RECOMMENDED_MAX_NEW_TOKENS", "LEXICON", "Verdict", "Judge", "KeywordJudge",
-    "ClassifierJudge", "OffTopicCheck", "parse_guard_output", "summarize", "bootstrap_rate", "agreement",
+    "ClassifierJudge", "OffTopicCheck", "JUDGE_NAMES", "make_judge", "parse_guard_output", "summarize", "bootstrap_rate", "agreement",
     "min_new_tokens_for", "copied_coverage",
 ]
 
@@ -1054,6 +1054,36 @@ class OffTopicCheck:
                 verdicts[i] = Verdict("invalid", "off_topic",
                                       f"{self.score_name}={x:+.3f} < {self.threshold:+.3f}")
         return verdicts
+
+
+#: the judges :func:`make_judge` builds (``edit-runtime eval --judge``)
+JUDGE_NAMES = ("keyword", "similarity", "relevance", "similarity+relevance")
+
+
+def make_judge(name: str, references: Mapping[str, str] | None = None, *, model: Any = None,
+               tokenizer: Any = None, system_prompt: str | None = None, progress: bool = False) -> "Judge":
+    """The judge named ``name`` (:data:`JUDGE_NAMES`): ``keyword`` is :class:`KeywordJudge`;
+    ``similarity`` and ``relevance`` refine it with an off-topic check
+    (:class:`edit_runtime.similarity.SimilarityJudge`,
+    :class:`edit_runtime.relevance.RelevanceJudge` under ``model`` and ``tokenizer``), both
+    anchored on ``references`` (``{prompt text: English text}``,
+    :func:`edit_runtime.relevance.references_from_prompts`); ``similarity+relevance``: the
+    relevance check refines the similarity judge's verdicts (a reply either calls off topic is
+    ``invalid``)."""
+    if name not in JUDGE_NAMES:
+        raise ValueError(f"unknown judge {name!r}; expected one of {JUDGE_NAMES}")
+    if name == "keyword":
+        return KeywordJudge()
+    from edit_runtime.relevance import RelevanceJudge
+    from edit_runtime.similarity import SimilarityJudge
+
+    judge = SimilarityJudge(references) if "similarity" in name else None
+    if "relevance" in name:
+        if model is None or tokenizer is None:
+            raise ValueError(f"the {name} judge scores under a chat model: pass model and tokenizer")
+        judge = RelevanceJudge(model, tokenizer, references or {}, base=judge, system_prompt=system_prompt,
+                               progress=progress)
+    return judge
 
 
 # --------------------------------------------------------------------------------------------

@@ -223,8 +223,8 @@ def test_gate_bench_judges_keyword_or_similarity_anchored_on_english():
     from edit_runtime.judge import KeywordJudge
     from edit_runtime.similarity import SimilarityJudge
 
-    assert type(gate_bench.make_judge("keyword")) is KeywordJudge
-    judge = gate_bench.make_judge("similarity")
+    assert type(gate_bench.proof_judge("keyword")) is KeywordJudge
+    judge = gate_bench.proof_judge("similarity")
     assert isinstance(judge, SimilarityJudge) and isinstance(judge.base, KeywordJudge)
     for source, lang in (("multijail", "th"), ("builtin:harmless", "zh")):
         prompts = load_prompts(source, langs=["en", lang], limit=3)

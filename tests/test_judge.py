@@ -529,3 +529,30 @@ def test_bare_number_answering_a_question_is_an_answer():
     # without a question, or with words, the short-text rule stays
     assert JUDGE.judge("Tell me a number", "10", "en").reason == "too_short"
     assert JUDGE.judge(q, "cool", "en").reason == "too_short"
+
+
+def test_make_judge_builds_each_named_judge():
+    """``make_judge`` is what ``eval --judge`` and the proof's bench scripts call: the keyword
+    judge, or it refined by the similarity check, the relevance check, or both stacked."""
+    from edit_runtime.judge import JUDGE_NAMES, KeywordJudge, make_judge
+    from edit_runtime.relevance import RelevanceJudge
+    from edit_runtime.similarity import SimilarityJudge
+
+    refs = {"你好吗": "How are you?"}
+    assert type(make_judge("keyword")) is KeywordJudge
+    sim = make_judge("similarity", refs)
+    assert isinstance(sim, SimilarityJudge) and sim.anchor("你好吗") == "How are you?"
+    model, tok = object(), object()  # not called at construction
+    rel = make_judge("relevance", refs, model=model, tokenizer=tok)
+    assert isinstance(rel, RelevanceJudge) and isinstance(rel.base, KeywordJudge) and rel.model is model
+    both = make_judge("similarity+relevance", refs, model=model, tokenizer=tok)
+    assert isinstance(both, RelevanceJudge) and isinstance(both.base, SimilarityJudge)
+    assert set(JUDGE_NAMES) == {"keyword", "similarity", "relevance", "similarity+relevance"}
+    # eval --judge spells the names out (its module imports only argparse): the same list
+    from edit_runtime.cli import build_parser
+    sub = next(a for a in build_parser()._actions if a.dest == "command").choices["eval"]
+    assert tuple(next(a for a in sub._actions if a.dest == "judge").choices) == JUDGE_NAMES
+    with pytest.raises(ValueError, match="chat model"):
+        make_judge("relevance", refs)
+    with pytest.raises(ValueError, match="unknown judge"):
+        make_judge("guard", refs)

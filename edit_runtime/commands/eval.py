@@ -101,6 +101,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-base", action="store_true", help="do not evaluate the unedited model")
     p.add_argument("--no-check-fingerprint", action="store_true",
                    help="accept deltas whose base-model fingerprint does not match")
+    # = edit_runtime.judge.JUDGE_NAMES, spelled out: only argparse is imported at module level
     p.add_argument("--judge", choices=["keyword", "similarity", "relevance", "similarity+relevance"],
                    default="keyword",
                    help="keyword (default); similarity: the keyword judge plus an off-topic check "
@@ -314,16 +315,11 @@ def _judge(args: argparse.Namespace, model, tok, prompts):
     the relevance judge refines the similarity judge's verdicts."""
     if args.judge == "keyword":
         return None
-    from edit_runtime.relevance import RelevanceJudge
-    from edit_runtime.similarity import SimilarityJudge
+    from edit_runtime.judge import make_judge
 
-    need_model = "relevance" in args.judge
-    refs = _english_references(args, prompts, required=need_model)
-    judge = SimilarityJudge(refs) if "similarity" in args.judge else None
-    if need_model:
-        judge = RelevanceJudge(model, tok, refs, base=judge, system_prompt=args.system_prompt,
-                               progress=not args.no_progress)
-    return judge
+    refs = _english_references(args, prompts, required="relevance" in args.judge)
+    return make_judge(args.judge, refs, model=model, tokenizer=tok, system_prompt=args.system_prompt,
+                      progress=not args.no_progress)
 
 
 def run_eval(args: argparse.Namespace) -> int:
