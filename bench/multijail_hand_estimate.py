@@ -70,9 +70,9 @@ def parse_sizes(text: str) -> dict[str, int]:
     return sizes
 
 
-def gated_rows(root: Path, gate_dir: Path) -> dict[str, dict[tuple[str, str], dict]]:
+def gated_rows(root: Path, gate_dir: Path) -> tuple[dict[str, dict[tuple[str, str], dict]], set[tuple[str, str]]]:
     """``{variant: {(id, lang): response row}}`` of the non-English harmful test prompts, for the
-    base model and the gated edit of ``gate_dir/gate.json``."""
+    base model and the gated edit of ``gate_dir/gate.json``, and the keys the gate is on for."""
     gate = json.loads((gate_dir / "gate.json").read_text())
     if "test_harmful_gated_on" not in gate:
         raise SystemExit(f"{gate_dir / 'gate.json'} has no test decisions: rerun bench/multijail_gate.py "
@@ -84,16 +84,19 @@ def gated_rows(root: Path, gate_dir: Path) -> dict[str, dict[tuple[str, str], di
               if r["lang"] != ANCHOR}
     if set(base) != set(edited):
         raise SystemExit("the base and edited test files hold different prompts")
-    return {"base": base, "gated": {k: edited[k] if k in on else base[k] for k in base}}
+    on = on & set(base)
+    return {"base": base, "gated": {k: edited[k] if k in on else base[k] for k in base}}, on
 
 
 def draw(args: argparse.Namespace) -> int:
     """Judge, stratify, sample; write the blind items, the key and the strata (module docstring)."""
-    rows = gated_rows(args.proof_dir, args.gate_dir)
+    rows, on = gated_rows(args.proof_dir, args.gate_dir)
     sizes = parse_sizes(args.sizes)
     judge = proof_judge(args.judge)
-    # a key's response is unique within a variant, so each variant is judged in one batch
-    stratum = {v: judged(list(rows[v].values()), judge) for v in VARIANTS}
+    # the gated model's response is the base's where the gate is off: judge each response once
+    base = judged(list(rows["base"].values()), judge)
+    edited = judged([rows["gated"][k] for k in sorted(on)], judge)
+    stratum = {"base": base, "gated": {k: edited.get(k, lab) for k, lab in base.items()}}
     rng = random.Random(args.seed)
     picked: dict[str, list[tuple[str, str]]] = {}
     for v in VARIANTS:
