@@ -38,12 +38,10 @@ def _add_models(sub: argparse._SubParsersAction) -> None:
 
 
 def _load_split(source: str, langs: list[str] | None, split: str | None, limit: int | None, label: str):
-    from edit_runtime.data import load_prompts
+    from edit_runtime.data import first_ids, load_prompts
 
-    prompts = load_prompts(source, langs=langs, split=None if split == "all" else split, label=label)
-    if limit:  # keep whole ids so prompts stay parallel across languages
-        keep = set(sorted({p.id for p in prompts})[:limit])
-        prompts = [p for p in prompts if p.id in keep]
+    prompts = first_ids(load_prompts(source, langs=langs, split=None if split == "all" else split, label=label),
+                        limit)
     if not prompts:
         raise ValueError(f"{source}: no prompts for languages {langs} in split {split!r}")
     return prompts

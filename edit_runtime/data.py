@@ -99,6 +99,7 @@ __all__ = [
     "by_lang",
     "by_id",
     "parallel_ids",
+    "first_ids",
     "shared_data_dir",
     "builtin_dir",
     "render_chat",
@@ -258,6 +259,18 @@ def parallel_ids(prompts: Iterable[Prompt], langs: Sequence[str] | None = None) 
             seen.add(p.id)
             out.append(p.id)
     return out
+
+
+def first_ids(prompts: Iterable[Prompt], limit: int | None) -> list[Prompt]:
+    """The prompts of the first ``limit`` ids in sorted id order (``None``/0: all), in their order.
+
+    Whole ids, not prompts, so that parallel sources keep every language of an id.
+    """
+    prompts = list(prompts)
+    if not limit:
+        return prompts
+    keep = set(sorted({p.id for p in prompts})[:limit])
+    return [p for p in prompts if p.id in keep]
 
 
 # --------------------------------------------------------------------------------------------

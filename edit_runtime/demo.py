@@ -33,13 +33,6 @@ DEFAULT_MODEL = "qwen2.5-coder-0.5b-instruct"
 DEFAULT_LANGS = ("en", "zh", "vi", "th", "bn", "sw", "fr", "ar")
 
 
-def _ids_limited(prompts: list, limit: int | None) -> list:
-    if not limit:
-        return prompts
-    keep = set(sorted({p.id for p in prompts})[:limit])
-    return [p for p in prompts if p.id in keep]
-
-
 def run(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m edit_runtime.demo", description=__doc__.split("\n")[0])
     p.add_argument("--model", default=DEFAULT_MODEL, help="short name, HF folder or hub id")
@@ -75,7 +68,7 @@ def run(argv: Sequence[str] | None = None) -> int:
 
     import torch
 
-    from edit_runtime.data import load_prompts
+    from edit_runtime.data import first_ids, load_prompts
     from edit_runtime.evaluate import UtilityOptions, evaluate
     from edit_runtime.fit import FitConfig, fit
     from edit_runtime.models import load_model
@@ -112,11 +105,11 @@ def run(argv: Sequence[str] | None = None) -> int:
     model, tok = load_model(args.model)
     seconds["load"] = time.time() - t
 
-    harm_train = _ids_limited(load_prompts(args.harmful, langs=langs, split="train"), fit_limit)
-    safe_train = _ids_limited(load_prompts(args.harmless, langs=langs, split="train"), fit_limit)
-    harm_test = _ids_limited(load_prompts(args.harmful, langs=langs, split="test"), limit)
+    harm_train = first_ids(load_prompts(args.harmful, langs=langs, split="train"), fit_limit)
+    safe_train = first_ids(load_prompts(args.harmless, langs=langs, split="train"), fit_limit)
+    harm_test = first_ids(load_prompts(args.harmful, langs=langs, split="test"), limit)
     safe_limits = [x for x in (limit, args.harmless_limit) if x]  # 0 / None: no bound
-    safe_test = _ids_limited(load_prompts(args.harmless, langs=langs, split="test"),
+    safe_test = first_ids(load_prompts(args.harmless, langs=langs, split="test"),
                              min(safe_limits) if safe_limits else None)
     print(f"   fit on train: {len(harm_train)} harmful + {len(safe_train)} harmless prompts; "
           f"evaluate on test: {len(harm_test)} harmful + {len(safe_test)} harmless ({len(langs)} languages)")

@@ -14,7 +14,7 @@ import pytest
 
 from edit_runtime import data as D
 from edit_runtime.data import (BUILTIN_LANGS, DataSourceError, Prompt, dataset_hash,
-                               filter_split, load_prompts, parallel_ids, render_chat,
+                               filter_split, first_ids, load_prompts, parallel_ids, render_chat,
                                render_chats, split_of)
 
 
@@ -194,6 +194,16 @@ def test_limit_keeps_parallel_ids():
     ps = load_prompts("builtin:harmful", split="test", limit=5)
     assert len({p.id for p in ps}) == 5
     assert Counter(p.lang for p in ps) == {lang: 5 for lang in BUILTIN_LANGS}
+
+
+def test_first_ids_keeps_whole_ids_in_sorted_id_order():
+    """The CLI, the gate command and the demo bound their sets with first_ids: the first ids in
+    sorted order (not file order, as load_prompts(limit=) does), every language of each."""
+    ps = [Prompt(i, lang, f"{i}-{lang}", "harmful", "test") for i in ("mj:10", "mj:9", "mj:100") for lang in ("en", "zh")]
+    got = first_ids(ps, 2)
+    assert [(p.id, p.lang) for p in got] == [("mj:10", "en"), ("mj:10", "zh"), ("mj:100", "en"), ("mj:100", "zh")]
+    assert first_ids(ps, None) == ps and first_ids(ps, 0) == ps and first_ids(iter(ps), 99) == ps
+    assert first_ids([], 3) == []
 
 
 def test_split_name_errors():

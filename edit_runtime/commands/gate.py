@@ -60,14 +60,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _source(source: str, label: str, langs: list[str] | None, split: str, limit: int | None) -> list:
     """One source's prompts of ``split`` in ``langs`` (those it has), at most ``limit`` ids."""
-    from edit_runtime.data import load_prompts
+    from edit_runtime.data import first_ids, load_prompts
 
-    prompts = load_prompts(source, split=split, label=label)
-    if langs is not None:
-        prompts = [p for p in prompts if p.lang in langs]
-    if limit:  # whole ids, so parallel sources keep every language of an id
-        keep = set(sorted({p.id for p in prompts})[:limit])
-        prompts = [p for p in prompts if p.id in keep]
+    # not load_prompts(langs=...): that refuses a language the source lacks (AdvBench is English only)
+    prompts = first_ids([p for p in load_prompts(source, split=split, label=label)
+                         if langs is None or p.lang in langs], limit)
     if not prompts:
         raise ValueError(f"--{label} {source}: no {split} prompts"
                          + (f" in languages {langs}" if langs is not None else ""))
