@@ -348,7 +348,7 @@ def paired_flips(base_records: Sequence[Mapping[str, Any]], var_records: Sequenc
 
 def _utility(model: Any, tokenizer: Any, opts: UtilityOptions, handle: Any, judge: Any,
              batch_size: int, progress: bool, *, responses_path: Path | None = None,
-             variant: str = "base", extra: Mapping[str, Any] | None = None, gated: bool = False
+             variant: str = "base", extra: Mapping[str, Any] | None = None
              ) -> tuple[dict[str, dict], dict[str, float]]:
     from edit_runtime import utility as U
 
@@ -371,10 +371,6 @@ def _utility(model: Any, tokenizer: Any, opts: UtilityOptions, handle: Any, judg
                                              responses_path=responses_path, variant=variant, extra=extra)
         secs["over_refusal"], t = time.perf_counter() - t, time.perf_counter()
     if handle is not None and opts.kl_prompts is not None:
-        if gated:
-            # the gate re-decides the row mask in every prefill forward (KL's two passes included);
-            # the mask the previous forward left would only fix the batch size
-            handle.clear_row_mask()
         res["kl"] = U.next_token_kl(model, tokenizer, opts.kl_prompts, handle,
                                     batch_size=batch_size, progress=progress)
         secs["kl"] = time.perf_counter() - t
@@ -512,7 +508,7 @@ def evaluate(model: Any, tokenizer: Any, prompts: Sequence[Any], *,
             if utility is not None:
                 util, usecs = _utility(model, tokenizer, utility, handle, judge, batch_size,
                                        progress, responses_path=out / "over_refusal" / f"{vname}.jsonl",
-                                       variant=vname, extra=extra, gated=gate_handle is not None)
+                                       variant=vname, extra=extra)
                 secs.update(usecs)
         finally:
             if gate_handle is not None:

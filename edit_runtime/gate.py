@@ -292,6 +292,8 @@ class GateHandle:
         for h in self._hooks:
             h.remove()
         self._hooks = []
+        if self.handle.row_mask_owner is self:
+            self.handle.row_mask_owner = None
         if not self.handle.removed:
             self.handle.clear_row_mask()
 
@@ -333,20 +335,24 @@ class GateHandle:
 def attach_gate(handle: PatchHandle, gate: ProbeGate) -> GateHandle:
     """Gates ``handle``'s edit per sequence with ``gate`` (see the module docstring).
 
-    Checked before anything is hooked (:class:`GateError` otherwise): the handle is live and not
-    merged, and :func:`check_gate` (hidden size, gate layer exists and comes before every edited
+    Checked before anything is hooked (:class:`GateError` otherwise): the handle is live, not
+    merged and not gated already, and :func:`check_gate` (hidden size, gate layer exists and comes before every edited
     layer).
     """
     if handle.removed:
         raise GateError(f"{handle!r} was removed; patch the model again")
     if handle.merged:
         raise GateError(f"{handle!r} is merged into the weights: a merged edit cannot be gated per sequence")
+    if handle.row_mask_owner is not None:
+        raise GateError(f"{handle!r} already has a gate attached ({handle.row_mask_owner!r}): remove it first; "
+                        "two gates would overwrite each other's row mask")
     model = handle.model
     check_gate(model, list(handle.modules), gate)
     layers = find_decoder_layers(model)[1]
     gh = GateHandle(handle, gate)
     gh._hooks.append(model.register_forward_pre_hook(gh._remember_inputs, with_kwargs=True))
     gh._hooks.append(layers[gate.layer].register_forward_hook(gh._decide))
+    handle.row_mask_owner = gh
     return gh
 
 

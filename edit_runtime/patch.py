@@ -46,7 +46,7 @@ import contextlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -409,6 +409,9 @@ class PatchHandle:
         self._switches: dict[torch.device, _Switch] = {}
         self._removed = False
         self._merged = False
+        # who re-decides the row mask in every forward (a gate.GateHandle), or None; set by
+        # gate.attach_gate, so that a mask a user left behind can be told from a gate's
+        self.row_mask_owner: Any = None
 
     def __repr__(self) -> str:
         state = "removed" if self._removed else ("merged" if self._merged else "active")

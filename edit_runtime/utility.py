@@ -743,7 +743,9 @@ def next_token_kl(model: Any, tokenizer: Any, prompts: Sequence[Prompt], handle:
 
     handle: the :class:`~edit_runtime.patch.PatchHandle` of the edit on ``model``; the base pass
     runs inside ``handle.disabled()``, the edited one inside ``handle.enabled_ctx()``, and the
-    handle's state is restored afterwards. It must be unmerged and without a row mask.
+    handle's state is restored afterwards. It must be unmerged and without a row mask of its
+    user's (a gate attached with :func:`edit_runtime.gate.attach_gate` is fine: it decides the
+    rows in each forward, and KL is 0 on the rows it leaves off).
     positions: ``"last"`` (the last prompt token, default) or ``"all"`` (every prompt token).
     Returns ``{lang: {"mean_kl", "max_kl", "n", "n_positions"}}``.
     """
@@ -761,7 +763,8 @@ def next_token_kl(model: Any, tokenizer: Any, prompts: Sequence[Prompt], handle:
     if getattr(handle, "merged", False):
         raise ValueError(f"{handle!r} is merged into the weights: unmerge() it to compare base "
                          "and edited")
-    if getattr(handle, "row_mask", None) is not None:
+    if getattr(handle, "row_mask", None) is not None and getattr(handle, "row_mask_owner", None) is None:
+        # a gate's mask is fine: the gate re-decides it in every forward, both passes included
         raise ValueError(f"{handle!r} has a row mask set: clear_row_mask() first (it would fix "
                          "the batch size and edit only some rows)")
     groups = _group(prompts, "next_token_kl")

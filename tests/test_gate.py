@@ -209,6 +209,27 @@ def test_bad_gates_are_refused_and_nothing_is_hooked(model):
         attach_gate(handle, good)
 
 
+def test_a_second_gate_is_refused_and_the_first_keeps_deciding(model):
+    """One gate per handle: two would overwrite each other's row mask. The handle records its
+    gate as the row mask's owner until the gate is removed, then takes another."""
+    ids = tiny_input_ids(batch=4, length=6)
+    handle = patch_model(model, random_delta(model, EDIT_LAYER, magnitude=1.0))
+    first = _splitting_gate(model, ids, on=(0, 2))
+    with attach_gate(handle, first) as gh:
+        assert handle.row_mask_owner is gh
+        hooks = (len(model._forward_pre_hooks), len(model.model.layers[GATE_LAYER]._forward_hooks))
+        with pytest.raises(GateError, match="already has a gate attached"):
+            attach_gate(handle, _splitting_gate(model, ids, on=(1,)))
+        assert (len(model._forward_pre_hooks), len(model.model.layers[GATE_LAYER]._forward_hooks)) == hooks
+        _logits(model, ids)
+        assert gh.last_mask.tolist() == [True, False, True, False]
+    assert handle.row_mask_owner is None and handle.row_mask is None
+    with attach_gate(handle, _splitting_gate(model, ids, on=(1,))) as second:
+        _logits(model, ids)
+        assert second.last_mask.tolist() == [False, True, False, False]
+    handle.remove()
+
+
 def test_gate_file_round_trip_and_bad_files(tmp_path):
     gate = ProbeGate(4, torch.randn(HIDDEN), -0.25, 1.5, {"data": "unit test"})
     path = gate.save(tmp_path / "g.safetensors")

@@ -459,6 +459,14 @@ def test_next_token_kl_bad_input(tiny, tok):
         with pytest.raises(ValueError, match="row mask"):
             next_token_kl(tiny, tok, KL_PROMPTS, handle)
         handle.clear_row_mask()
+        # a gate's row mask is no error: the gate re-decides it in every forward; one that turns
+        # the edit off everywhere leaves KL 0 (test_evaluate checks a gate that splits the rows)
+        from edit_runtime.gate import ProbeGate, attach_gate
+        off = ProbeGate(0, torch.zeros(tiny.config.hidden_size), -1.0, 0.0)
+        with attach_gate(handle, off):
+            handle.set_row_mask([True])           # left behind by a previous forward of another size
+            res = next_token_kl(tiny, tok, KL_PROMPTS, handle, batch_size=2, progress=False)
+        assert all(r["mean_kl"] == 0.0 for r in res.values())
         handle.merge()
         with pytest.raises(ValueError, match="merged"):
             next_token_kl(tiny, tok, KL_PROMPTS, handle)
