@@ -1,21 +1,26 @@
 """The main job: fit a safety edit on the real Qwen model and show what it changes.
 
-    python -m edit_runtime.demo [-o demo_out] [--layer 20] [--rank 16] [--limit N] [--quick]
+    python -m edit_runtime.demo [-o demo_out] [--method residual|swe] [--limit N] [--quick]
 
 On the embedded default (Qwen2.5-Coder-0.5B-Instruct from its wheels, the team's own parallel
 prompt set in ``edit_runtime/prompts``) it
 
-1. fits a closed-form sparse low-rank edit of one layer's ``up_proj`` rows on the *train* split
-   (harmful prompts of every non-English language mapped onto the English ones, harmless prompts
-   of all languages as the utility term); ``--method residual`` fits the residual recipe
-   (:mod:`edit_runtime.residual_fit`: the layer's ``down_proj``, last-token residual targets),
-2. evaluates the base model and the edited model on the held-out *test* split: greedy responses,
-   judged refusal / compliance / invalid per language with bootstrap intervals, plus the
-   over-refusal rate and next-token KL on held-out harmless prompts,
-3. prints the per-language table and writes ``results.json``, ``results.md``, the plots, the
-   delta and every response under the output folder.
+1. fits a closed-form low-rank edit of layer 20 on the *train* split: by default the residual
+   recipe (:mod:`edit_runtime.residual_fit`: the layer's ``down_proj``, the last-token residual
+   of zh, vi, th and ar prompts mapped onto their English version's, harmless prompts mapped the
+   same way, bn, sw and fr held in place); ``--method swe`` fits SWE's ``up_proj`` rows of the
+   safety neurons instead (:mod:`edit_runtime.fit`),
+2. fits a probe gate on layer 16 (:mod:`edit_runtime.gate`) that turns the edit on only for the
+   prompts it is for, harmful prompts of the mapped languages; English, the held languages and
+   every harmless prompt are the other class, and the threshold gates on 3 % of those on the
+   *validation* split (``--gate-on``; ``--no-gate`` evaluates the bare edit),
+3. evaluates the base model and the (gated) edited model on the held-out *test* split: greedy
+   responses, judged refusal / compliance / invalid per language with bootstrap intervals, plus
+   the over-refusal rate and next-token KL on held-out harmless prompts,
+4. prints the per-language table and writes ``results.json``, ``results.md``, the plots, the
+   delta, the gate and every response under the output folder.
 
-Everything runs on CPU; with the defaults it takes 8–12 minutes on a 2-core machine (2026-12-02, 2026-12-07).
+Everything runs on CPU; with the defaults it takes about 12–15 minutes on a 2-core machine.
 Re-running the same command resumes: finished responses are not generated again.
 """
 from __future__ import annotations
@@ -31,6 +36,10 @@ from edit_runtime.commands.argtypes import RESIDUAL_ONLY_OPTIONS, csv_list, give
 
 DEFAULT_MODEL = "qwen2.5-coder-0.5b-instruct"
 DEFAULT_LANGS = ("en", "zh", "vi", "th", "bn", "sw", "fr", "ar")
+#: held by default (--method residual), those of them in --langs: Qwen parrots bn and sw back,
+#: harmful or not, and with 16 train ids per language the mapped edit cost French refusals
+#: (README, the demo section)
+DEFAULT_HOLD = ("bn", "sw", "fr")
 
 
 def run(argv: Sequence[str] | None = None) -> int:
@@ -42,17 +51,25 @@ def run(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--layer", type=int, default=20)
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--gamma", type=float, default=1.0)
-    p.add_argument("--method", choices=["swe", "residual"], default="swe",
-                   help="swe: up_proj rows of the safety neurons (edit_runtime.fit); residual: the layer's "
-                        "down_proj, last-token residual mapped onto English (edit_runtime.residual_fit)")
+    p.add_argument("--method", choices=["swe", "residual"], default="residual",
+                   help="residual (default): the layer's down_proj, last-token residual mapped onto English "
+                        "(edit_runtime.residual_fit); swe: up_proj rows of the safety neurons (edit_runtime.fit)")
     p.add_argument("--harmless-weight", type=float, default=None,
                    help="residual: weight of the harmless rows (default 4)")
     p.add_argument("--harmless-lang-weights", default=None,
                    help="residual: per-language harmless weights overriding --harmless-weight, e.g. th=16,ar=16")
     p.add_argument("--hold-langs", default=None,
                    help="residual: comma-separated languages of --langs whose last tokens the edit leaves in place "
-                        "(languages the model does not read, e.g. bn,sw for Qwen); they are not mapped")
+                        f"(default: those of {','.join(DEFAULT_HOLD)} in --langs; 'none' holds none); they are "
+                        "not mapped")
     p.add_argument("--hold-weight", type=float, default=None, help="residual: weight of the held rows (default 16)")
+    p.add_argument("--gate-layer", type=int, default=16,
+                   help="decoder layer the probe gate reads (before --layer); the edit is on only for the "
+                        "prompts it scores above its threshold")
+    p.add_argument("--gate-on", type=float, default=0.03,
+                   help="the gate's threshold turns the edit on for this fraction of the validation prompts "
+                        "it is not for (English, held languages, harmless)")
+    p.add_argument("--no-gate", action="store_true", help="evaluate the bare edit, on every prompt")
     p.add_argument("--limit", type=int, default=None,
                    help="evaluate on at most N held-out prompt ids per language (the fit uses the whole train split)")
     p.add_argument("--harmless-limit", type=int, default=12,
@@ -71,6 +88,7 @@ def run(argv: Sequence[str] | None = None) -> int:
     from edit_runtime.data import first_ids, load_prompts
     from edit_runtime.evaluate import UtilityOptions, evaluate
     from edit_runtime.fit import FitConfig, fit
+    from edit_runtime.gate import GatedDelta, fit_mapped_gate
     from edit_runtime.models import load_model
     from edit_runtime.residual_fit import ResidualFitConfig, fit_residual
 
@@ -81,13 +99,25 @@ def run(argv: Sequence[str] | None = None) -> int:
     max_new = 32 if args.quick else None
     langs = csv_list(args.langs)
     anchor, low = langs[0], langs[1:]
-    hold = csv_list(args.hold_langs or "")
     residual_only = given_flags(args, RESIDUAL_ONLY_OPTIONS)
     if residual_only and args.method != "residual":
         p.error(f"{', '.join(residual_only)}: option(s) of --method residual")
+    if args.method != "residual":
+        hold = []
+    elif args.hold_langs is None:
+        hold = [l for l in DEFAULT_HOLD if l in low]
+    else:
+        hold = [] if args.hold_langs.strip().lower() == "none" else csv_list(args.hold_langs)
     if not set(hold) <= set(low):
         p.error(f"--hold-langs {hold} must be among the non-anchor --langs {low}")
     low = [l for l in low if l not in hold]
+    if not low:
+        p.error(f"no language left to map onto {anchor}: --langs {langs} minus the held {hold}")
+    gated = not args.no_gate
+    if gated and not 0 <= args.gate_layer < args.layer:
+        p.error(f"--gate-layer {args.gate_layer} must be a layer before the edited --layer {args.layer}")
+    if gated and not 0 < args.gate_on < 1:
+        p.error(f"--gate-on {args.gate_on} must be a fraction in (0, 1)")
     try:  # checked before the model loads
         harmless_lang_weights = lang_weights(args.harmless_lang_weights)
     except SystemExit as exc:
@@ -141,9 +171,25 @@ def run(argv: Sequence[str] | None = None) -> int:
               f"{'n/a' if r.gap_closed_train is None else format(r.gap_closed_train, '.2f')}")
     print(f"   wrote {delta_path}")
 
+    edited: object = delta_path
+    if gated:
+        step(f"fitting the probe gate on layer {args.gate_layer}: on for harmful {'+'.join(low)} prompts")
+        t = time.time()
+        harm_val = first_ids(load_prompts(args.harmful, langs=langs, split="validation"), fit_limit)
+        safe_val = first_ids(load_prompts(args.harmless, langs=langs, split="validation"), fit_limit)
+        gate = fit_mapped_gate(model, tok, harm_train + safe_train, harm_val + safe_val, low,
+                               layer=args.gate_layer, gate_on=args.gate_on, batch_size=args.batch_size)
+        gate_path = gate.save(out / "gate.safetensors")
+        seconds["gate"] = time.time() - t
+        m = gate.metadata
+        print(f"   threshold {gate.threshold:.2f}: on for {m['validation_on']['for']:.0%} of the "
+              f"{m['validation_n']['for']} validation prompts it is for, {m['validation_on']['other']:.0%} of the "
+              f"{m['validation_n']['other']} others; wrote {gate_path}")
+        edited = GatedDelta(result.delta, gate)
+
     step("evaluating base vs edited on the held-out test split (resumable)")
     t = time.time()
-    res = evaluate(model, tok, harm_test, variants={"base": None, "edited": delta_path},
+    res = evaluate(model, tok, harm_test, variants={"base": None, "edited": edited},
                    out_dir=out, max_new_tokens=max_new, batch_size=args.batch_size,
                    utility=UtilityOptions(harmless=safe_test, over_refusal_max_new_tokens=max_new),
                    model_name=args.model)

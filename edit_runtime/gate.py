@@ -25,6 +25,10 @@ The gate owns the handle's row mask while attached; do not set one by hand at th
 To combine it with a per-request mask (the server: only the rows that asked for the edit), set
 :attr:`GateHandle.allowed` before the prefill: the decision is ANDed with it.
 
+:func:`fit_mapped_gate` fits a gate for a delta that maps some languages onto an anchor: on for
+the harmful prompts of the mapped languages, off for the anchor's, the held languages' and every
+harmless prompt, its threshold set on validation prompts (the demo's gate).
+
 :class:`GatedDelta` pairs a delta with its gate: :func:`edit_runtime.evaluate.evaluate` takes one as
 a variant and the server (``edit-runtime serve --gate NAME=PATH``) serves one per request.
 """
@@ -354,6 +358,57 @@ def attach_gate(handle: PatchHandle, gate: ProbeGate) -> GateHandle:
     gh._hooks.append(layers[gate.layer].register_forward_hook(gh._decide))
     handle.row_mask_owner = gh
     return gh
+
+
+def fit_mapped_gate(model: nn.Module, tokenizer: Any, train: Sequence[Any], validation: Sequence[Any],
+                    mapped_langs: Sequence[str], *, layer: int, gate_on: float, batch_size: int = 16,
+                    progress: bool = True) -> ProbeGate:
+    """A probe gate that turns the edit on for what it was fitted for: harmful prompts of the
+    mapped languages. English, held languages and every harmless prompt are the other class, so
+    the gate leaves the anchor's own refusals and the harmless prompts to the base model.
+
+    The probe is fitted on ``train``; its threshold is the lowest score that puts at most a
+    ``gate_on`` fraction of the other class in ``validation`` above it. Returns a :class:`edit_runtime.gate.ProbeGate` whose
+    metadata records the two validation on-rates.
+
+    Args:
+        train, validation: :class:`edit_runtime.data.Prompt` records (``text``, ``lang``,
+            ``label``), harmful and harmless together.
+        mapped_langs: the languages the edit maps onto the anchor.
+        layer: the decoder layer the probe reads (before every edited layer).
+        gate_on: the fraction of the validation prompts the gate is not for that it may turn on.
+    """
+
+    def is_for(p: Any) -> bool:
+        return p.label == "harmful" and p.lang in mapped_langs
+
+    def features(prompts: Sequence[Any]) -> torch.Tensor:
+        return last_token_hidden(model, tokenizer, [p.text for p in prompts], [layer],
+                                 batch_size=batch_size, progress=progress)[layer]
+
+    # checked before the forwards
+    if not 0 < gate_on < 1:
+        raise GateError(f"gate_on must be a fraction in (0, 1), got {gate_on!r}")
+    pos = torch.tensor([is_for(p) for p in train], dtype=torch.bool)
+    pos_val = torch.tensor([is_for(p) for p in validation], dtype=torch.bool)
+    for name, mask in (("train", pos), ("validation", pos_val)):
+        if not mask.any() or mask.all():
+            raise GateError(f"the {name} prompts must hold both prompts the gate is for (harmful, "
+                            f"{list(mapped_langs)}) and others")
+    f_train, f_val = features(train), features(validation)
+    gate = fit_probe_gate(f_train[pos], f_train[~pos], layer,
+                          metadata={"for": {"label": "harmful", "langs": list(mapped_langs)},
+                                    "n_train": {"for": int(pos.sum()), "other": int((~pos).sum())}})
+    scores = gate.score(f_val)
+    # the (k+1)-th highest score of the other class: at most k = floor(gate_on * n) of them above it
+    others = scores[~pos_val].double().sort(descending=True).values
+    threshold = float(others[min(int(gate_on * len(others)), len(others) - 1)])
+    on = scores > threshold
+    gate.metadata.update({"gate_on": gate_on,
+                          "validation_n": {"for": int(pos_val.sum()), "other": int((~pos_val).sum())},
+                          "validation_on": {"for": float(on[pos_val].float().mean()),
+                                            "other": float(on[~pos_val].float().mean())}})
+    return gate.with_threshold(threshold)
 
 
 def last_token_hidden(model: nn.Module, tokenizer: Any, texts: Sequence[str], layers: Sequence[int], *,

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from delta_helpers import random_delta
-from edit_runtime.gate import (GatedDelta, GateError, ProbeGate, attach_gate, check_gate, fit_probe_gate,
-                               last_token_hidden)
+from edit_runtime.gate import (GatedDelta, GateError, ProbeGate, attach_gate, check_gate, fit_mapped_gate,
+                               fit_probe_gate, last_token_hidden)
 from edit_runtime.patch import patch_model
 from tiny_models import HIDDEN, make_tiny_model, tiny_input_ids
 
@@ -248,6 +248,38 @@ def test_gate_file_round_trip_and_bad_files(tmp_path):
         ProbeGate.load(tmp_path / "missing.safetensors")
     with pytest.raises(GateError, match="at least 2 prompts"):
         fit_probe_gate(torch.randn(1, 4), torch.randn(5, 4), layer=0)
+
+
+def test_mapped_gate_is_on_for_the_mapped_languages_harmful_prompts(smollm2):
+    """fit_mapped_gate on the real SmolLM2: the probe is fitted on the mapped languages' harmful
+    prompts against everything else, and the threshold is the (k+1)-th highest validation score
+    of the other class, k = floor(gate_on * n): at most that fraction of them is on."""
+    from edit_runtime.data import first_ids, load_prompts
+
+    model, tok = smollm2
+    langs, mapped, layer = ["en", "zh", "fr"], ["zh"], 6
+
+    def prompts(split, n):
+        return (first_ids(load_prompts("builtin:harmful", langs=langs, split=split), n)
+                + first_ids(load_prompts("builtin:harmless", langs=langs, split=split), n))
+
+    train, val = prompts("train", 8), prompts("validation", 5)
+    gate = fit_mapped_gate(model, tok, train, val, mapped, layer=layer, gate_on=0.1, progress=False)
+    assert gate.layer == layer
+    assert gate.metadata["for"] == {"label": "harmful", "langs": ["zh"]}
+    assert gate.metadata["n_train"] == {"for": 8, "other": 40}           # zh harmful vs the rest
+    is_for = torch.tensor([p.label == "harmful" and p.lang == "zh" for p in val])
+    scores = gate.score(last_token_hidden(model, tok, [p.text for p in val], [layer])[layer]).double()
+    others = scores[~is_for].sort(descending=True).values
+    k = int(0.1 * len(others))                                            # 25 others: 2 may be on
+    assert gate.threshold == pytest.approx(float(others[k]), abs=1e-4)
+    assert int((scores[~is_for] > gate.threshold).sum()) <= k
+    assert gate.metadata["validation_on"]["other"] == pytest.approx(k / len(others), abs=1e-6)
+    assert gate.metadata["validation_n"] == {"for": 5, "other": 25}
+    with pytest.raises(GateError, match="gate_on must be a fraction"):
+        fit_mapped_gate(model, tok, train, val, mapped, layer=layer, gate_on=1.0)
+    with pytest.raises(GateError, match="validation prompts must hold both"):
+        fit_mapped_gate(model, tok, train, [p for p in val if p.lang != "zh"], mapped, layer=layer, gate_on=0.1)
 
 
 @pytest.mark.slow
