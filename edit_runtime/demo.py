@@ -63,12 +63,12 @@ def run(argv: Sequence[str] | None = None) -> int:
                         f"(default: those of {','.join(DEFAULT_HOLD)} in --langs; 'none' holds none); they are "
                         "not mapped")
     p.add_argument("--hold-weight", type=float, default=None, help="residual: weight of the held rows (default 16)")
-    p.add_argument("--gate-layer", type=int, default=16,
-                   help="decoder layer the probe gate reads (before --layer); the edit is on only for the "
-                        "prompts it scores above its threshold")
-    p.add_argument("--gate-on", type=float, default=0.03,
-                   help="the gate's threshold turns the edit on for this fraction of the validation prompts "
-                        "it is not for (English, held languages, harmless)")
+    p.add_argument("--gate-layer", type=int, default=None,
+                   help="decoder layer the probe gate reads, before --layer (default 16); the edit is on only "
+                        "for the prompts it scores above its threshold")
+    p.add_argument("--gate-on", type=float, default=None,
+                   help="the gate's threshold turns the edit on for at most this fraction of the validation "
+                        "prompts it is not for: English, held languages, harmless (default 0.03)")
     p.add_argument("--no-gate", action="store_true", help="evaluate the bare edit, on every prompt")
     p.add_argument("--limit", type=int, default=None,
                    help="evaluate on at most N held-out prompt ids per language (the fit uses the whole train split)")
@@ -114,6 +114,12 @@ def run(argv: Sequence[str] | None = None) -> int:
     if not low:
         p.error(f"no language left to map onto {anchor}: --langs {langs} minus the held {hold}")
     gated = not args.no_gate
+    gate_flags = [flag for flag, value in (("--gate-layer", args.gate_layer), ("--gate-on", args.gate_on))
+                  if value is not None]
+    if gate_flags and not gated:
+        p.error(f"{', '.join(gate_flags)}: option(s) of the gate, and --no-gate turns it off")
+    args.gate_layer = 16 if args.gate_layer is None else args.gate_layer
+    args.gate_on = 0.03 if args.gate_on is None else args.gate_on
     if gated and not 0 <= args.gate_layer < args.layer:
         p.error(f"--gate-layer {args.gate_layer} must be a layer before the edited --layer {args.layer}")
     if gated and not 0 < args.gate_on < 1:

@@ -64,6 +64,7 @@ def test_demo_quick_runs_end_to_end(smollm2, tmp_path, capsys, extra):
     (["--harmless-lang-weights", "th:16"], "is not LANG=WEIGHT"),
     (["--gate-layer", "20"], "--gate-layer 20 must be a layer before the edited --layer 20"),
     (["--gate-on", "0"], "--gate-on 0.0 must be a fraction in (0, 1)"),
+    (["--no-gate", "--gate-layer", "12"], "--gate-layer: option(s) of the gate, and --no-gate turns it off"),
 ])
 def test_demo_refuses_bad_options_before_loading(tmp_path, capsys, extra, msg):
     with pytest.raises(SystemExit) as e:
