@@ -20,7 +20,7 @@ prompt set in ``edit_runtime/prompts``) it
 4. prints the per-language table and writes ``results.json``, ``results.md``, the plots, the
    delta, the gate and every response under the output folder.
 
-Everything runs on CPU; with the defaults it takes about 12–15 minutes on a 2-core machine.
+Everything runs on CPU; with the defaults it takes about 18 minutes on a 2-core machine (2026-12-07).
 Re-running the same command resumes: finished responses are not generated again.
 """
 from __future__ import annotations
