@@ -361,6 +361,18 @@ def attach_gate(handle: PatchHandle, gate: ProbeGate) -> GateHandle:
     return gh
 
 
+def threshold_at_most(scores: torch.Tensor, rate: float) -> float:
+    """The (k+1)-th highest of ``scores`` ``(n,)``, k = ⌊rate · n⌋: a gate with this threshold
+    (on where ``score > threshold``) is on for at most ``rate`` of them (fewer where scores tie)."""
+    scores = torch.as_tensor(scores).flatten().double()
+    if not len(scores):
+        raise GateError("no scores to set a threshold on")
+    if not 0 <= rate < 1:
+        raise GateError(f"rate must be in [0, 1), got {rate!r}")
+    ordered = scores.sort(descending=True).values
+    return float(ordered[min(int(rate * len(ordered)), len(ordered) - 1)])
+
+
 def fit_mapped_gate(model: nn.Module, tokenizer: Any, train: Sequence[Any], validation: Sequence[Any],
                     mapped_langs: Sequence[str], *, layer: int, gate_on: float, batch_size: int = 16,
                     progress: bool = True) -> ProbeGate:
@@ -368,8 +380,8 @@ def fit_mapped_gate(model: nn.Module, tokenizer: Any, train: Sequence[Any], vali
     mapped languages. English, held languages and every harmless prompt are the other class, so
     the gate leaves the anchor's own refusals and the harmless prompts to the base model.
 
-    The probe is fitted on ``train``; its threshold is the lowest score that puts at most a
-    ``gate_on`` fraction of the other class in ``validation`` above it. Returns a :class:`edit_runtime.gate.ProbeGate` whose
+    The probe is fitted on ``train``; its threshold puts at most a ``gate_on`` fraction of the
+    other class in ``validation`` above it (:func:`threshold_at_most`). Returns a :class:`edit_runtime.gate.ProbeGate` whose
     metadata records the two validation on-rates.
 
     Args:
@@ -401,9 +413,7 @@ def fit_mapped_gate(model: nn.Module, tokenizer: Any, train: Sequence[Any], vali
                           metadata={"for": {"label": "harmful", "langs": list(mapped_langs)},
                                     "n_train": {"for": int(pos.sum()), "other": int((~pos).sum())}})
     scores = gate.score(f_val)
-    # the (k+1)-th highest score of the other class: at most k = floor(gate_on * n) of them above it
-    others = scores[~pos_val].double().sort(descending=True).values
-    threshold = float(others[min(int(gate_on * len(others)), len(others) - 1)])
+    threshold = threshold_at_most(scores[~pos_val], gate_on)
     on = scores > threshold
     gate.metadata.update({"gate_on": gate_on,
                           "validation_n": {"for": int(pos_val.sum()), "other": int((~pos_val).sum())},

@@ -7,7 +7,7 @@ import torch
 
 from delta_helpers import random_delta
 from edit_runtime.gate import (GatedDelta, GateError, ProbeGate, attach_gate, check_gate, fit_mapped_gate,
-                               fit_probe_gate, last_token_hidden)
+                               fit_probe_gate, last_token_hidden, threshold_at_most)
 from edit_runtime.patch import patch_model
 from tiny_models import HIDDEN, make_tiny_model, tiny_input_ids
 
@@ -282,6 +282,23 @@ def test_mapped_gate_is_on_for_the_mapped_languages_harmful_prompts(smollm2):
         fit_mapped_gate(model, tok, train, [p for p in val if p.lang != "zh"], mapped, layer=layer, gate_on=0.1)
 
 
+def test_threshold_at_most_puts_at_most_the_rate_above_it():
+    g = torch.Generator().manual_seed(1)
+    for n in (1, 7, 28, 236):
+        scores = torch.randn(n, generator=g)
+        for rate in (0.0, 0.03, 0.1, 0.5, 0.99):
+            t = threshold_at_most(scores, rate)
+            k = int(rate * n)
+            assert int((scores > t).sum()) == min(k, n - 1)        # distinct scores: exactly k above
+            assert t in scores.tolist()
+    tied = torch.tensor([1.0, 1.0, 1.0, 0.0])
+    assert int((tied > threshold_at_most(tied, 0.5)).sum()) == 0   # ties: fewer, never more
+    with pytest.raises(GateError, match="rate"):
+        threshold_at_most(scores, 1.0)
+    with pytest.raises(GateError, match="no scores"):
+        threshold_at_most(torch.zeros(0), 0.1)
+
+
 @pytest.mark.slow
 def test_real_smollm2_gate_fitted_on_prompts(smollm2):
     """On the real SmolLM2: features from last_token_hidden equal the unpadded forward's, a gate
@@ -384,4 +401,37 @@ def test_cli_gate_fits_reports_and_picks_the_threshold(smollm2, tmp_path, capsys
     assert main(["gate", "--model", "no-such-model", "--layer", "6", "--harmful", "advbench", "--harmless",
                  "builtin:harmless", "--langs", "zh", "-o", str(tmp_path / "x.safetensors")]) == 2
     assert "--harmful advbench: no train prompts in languages ['zh']" in capsys.readouterr().err
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_cli_gate_mapped_langs_is_the_demo_gate(smollm2, tmp_path, capsys):
+    """``edit-runtime gate --mapped-langs zh --others-on R`` writes the gate fit_mapped_gate fits on
+    the same train and validation prompts; its option errors come before the model loads."""
+    from edit_runtime.cli import main
+    from edit_runtime.data import first_ids, load_prompts
+
+    model, tok = smollm2
+    out = tmp_path / "mapped.safetensors"
+    assert main(["gate", "--model", "smollm2-135m-instruct", "--layer", "6", "--harmful", "builtin:harmful",
+                 "--harmless", "builtin:harmless", "--langs", "en,zh,fr", "--limit", "6", "--mapped-langs", "zh",
+                 "--others-on", "0.1", "--no-progress", "--threads", "1", "-o", str(out)]) == 0
+    gate = ProbeGate.load(out)
+
+    def split(name):
+        return [p for src, label in (("builtin:harmful", "harmful"), ("builtin:harmless", "harmless"))
+                for p in first_ids(load_prompts(src, langs=["en", "zh", "fr"], split=name, label=label), 6)]
+
+    ref = fit_mapped_gate(model, tok, split("train"), split("validation"), ["zh"], layer=6, gate_on=0.1,
+                          progress=False)
+    torch.testing.assert_close(gate.weight, ref.weight, rtol=1e-4, atol=1e-5)
+    assert gate.threshold == pytest.approx(ref.threshold, abs=1e-4)
+    assert gate.metadata["for"] == {"label": "harmful", "langs": ["zh"]}
+    capsys.readouterr()
+    for extra, message in ((["--others-on", "0.1"], "--others-on goes with --mapped-langs"),
+                           (["--mapped-langs", "zh"], "--mapped-langs needs --others-on RATE or --threshold T"),
+                           (["--mapped-langs", "zh", "--harmless-on", "0.1"], "with --mapped-langs use --others-on"),
+                           (["--mapped-langs", "ko", "--threshold", "0"], "no harmful train prompt")):
+        assert main(["gate", "--model", "no-such-model", "--layer", "6", "--harmful", "builtin:harmful",
+                     "--harmless", "builtin:harmless", "-o", str(tmp_path / "x.safetensors"), *extra]) == 2
+        assert message in capsys.readouterr().err
     assert not (tmp_path / "x.safetensors").exists()

@@ -12,6 +12,12 @@ question). ``--langs`` keeps those languages of each source (a source without an
 error). The threshold is ``--threshold`` or, with ``--harmless-on RATE``, the one that turns the
 edit on for that fraction of the *validation* harmless prompts. The validation split of the same
 sources is then scored and printed per source: the fraction gated on at a few thresholds.
+
+With ``--mapped-langs LANGS`` the probe is fitted for a delta that maps those languages onto an
+anchor (the demo's gate, :func:`edit_runtime.gate.fit_mapped_gate`): on for the harmful prompts of
+LANGS only, every other prompt (the anchor's and other languages' harmful prompts, every harmless
+one) the other class; ``--others-on RATE`` then sets the threshold that turns the edit on for at
+most that fraction of the validation prompts of the other class.
 Use the gate with ``edit-runtime eval --gate`` and ``edit-runtime serve --gate``. Only argparse is
 imported at module level.
 """
@@ -49,6 +55,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     group.add_argument("--threshold", type=float, default=None, help="probe score above which the edit is on (default 0)")
     group.add_argument("--harmless-on", type=_rate, default=None, metavar="RATE",
                        help="pick the threshold that turns the edit on for RATE of the validation harmless prompts")
+    group.add_argument("--others-on", type=_rate, default=None, metavar="RATE",
+                       help="with --mapped-langs: the threshold that turns the edit on for at most RATE of the "
+                            "validation prompts the gate is not for")
+    p.add_argument("--mapped-langs", type=csv_list, default=None,
+                   help="fit the gate for a delta that maps these languages onto an anchor: on for their harmful "
+                        "prompts only, every other prompt is the other class")
     p.add_argument("--l2", type=float, default=1e-2, help="ridge weight of the logistic probe")
     p.add_argument("--batch-size", type=positive_int, default=16)
     p.add_argument("--system-prompt", default=None)
@@ -77,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
-    from edit_runtime.gate import fit_probe_gate, last_token_hidden
+    from edit_runtime.gate import fit_probe_gate, last_token_hidden, threshold_at_most
     from edit_runtime.models import load_model
 
     if args.threads:
@@ -95,6 +107,22 @@ def run(args: argparse.Namespace) -> int:
                 pass  # a source without a validation split is fitted on, not reported
     if args.harmless_on is not None and not any(label == "harmless" for label, _ in held):
         raise ValueError("--harmless-on needs validation prompts of a --harmless source; none has any")
+    mapped = args.mapped_langs
+    if mapped is None and args.others_on is not None:
+        raise ValueError("--others-on goes with --mapped-langs")
+    if mapped is not None and args.harmless_on is not None:
+        raise ValueError("--harmless-on is for a harmful-vs-harmless gate; with --mapped-langs use --others-on")
+    if mapped is not None and args.others_on is None and args.threshold is None:
+        raise ValueError("--mapped-langs needs --others-on RATE or --threshold T")
+
+    def is_for(p) -> bool:
+        return mapped is None or (p.label == "harmful" and p.lang in mapped)
+
+    if mapped is not None:
+        if not any(is_for(p) for (label, _), ps in train.items() if label == "harmful" for p in ps):
+            raise ValueError(f"--mapped-langs {mapped}: no harmful train prompt in those languages")
+        if args.others_on is not None and not any(not is_for(p) for ps in held.values() for p in ps):
+            raise ValueError("--others-on needs validation prompts the gate is not for; none has any")
     model, tok = load_model(args.model)  # a --layer the model lacks: GateError from the first features
 
     def features(prompts: list) -> torch.Tensor:
@@ -106,13 +134,25 @@ def run(args: argparse.Namespace) -> int:
     meta = {"model": args.model, "split": args.split, "langs": args.langs, "limit": args.limit,
             "harmful": {s: len(train[("harmful", s)]) for s in sources["harmful"]},
             "harmless": {s: len(train[("harmless", s)]) for s in sources["harmless"]}}
-    gate = fit_probe_gate(torch.cat([f for (label, _), f in feats.items() if label == "harmful"]),
-                          torch.cat([f for (label, _), f in feats.items() if label == "harmless"]),
+    def rows_for(key, want: bool) -> torch.Tensor:
+        # a harmful-vs-harmless gate: by label; a mapped gate: harmful prompts of the mapped languages
+        if mapped is None:
+            return torch.full((len(train[key]),), (key[0] == "harmful") == want, dtype=torch.bool)
+        return torch.tensor([is_for(p) == want for p in train[key]], dtype=torch.bool)
+
+    if mapped is not None:
+        meta["for"] = {"label": "harmful", "langs": list(mapped)}
+    gate = fit_probe_gate(torch.cat([f[rows_for(key, True)] for key, f in feats.items()]),
+                          torch.cat([f[rows_for(key, False)] for key, f in feats.items()]),
                           args.layer, l2=args.l2, metadata=meta)
     scores = {key: gate.score(f) for key, f in held_feats.items()}
     if args.harmless_on is not None:
         harmless = torch.cat([sc for (label, _), sc in scores.items() if label == "harmless"]).double()
         threshold = float(torch.quantile(harmless, 1.0 - args.harmless_on))
+    elif args.others_on is not None:
+        others = torch.cat([sc[torch.tensor([not is_for(p) for p in held[key]], dtype=torch.bool)]
+                            for key, sc in scores.items()])
+        threshold = threshold_at_most(others, args.others_on)
     else:
         threshold = 0.0 if args.threshold is None else args.threshold
     gate = gate.with_threshold(threshold)
