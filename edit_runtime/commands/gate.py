@@ -134,6 +134,7 @@ def run(args: argparse.Namespace) -> int:
     meta = {"model": args.model, "split": args.split, "langs": args.langs, "limit": args.limit,
             "harmful": {s: len(train[("harmful", s)]) for s in sources["harmful"]},
             "harmless": {s: len(train[("harmless", s)]) for s in sources["harmless"]}}
+
     def rows_for(key, want: bool) -> torch.Tensor:
         # a harmful-vs-harmless gate: by label; a mapped gate: harmful prompts of the mapped languages
         if mapped is None:
