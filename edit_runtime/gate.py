@@ -373,6 +373,13 @@ def threshold_at_most(scores: torch.Tensor, rate: float) -> float:
     return float(ordered[min(int(rate * len(ordered)), len(ordered) - 1)])
 
 
+def mapped_harmful(prompts: Sequence[Any], mapped_langs: Sequence[str]) -> torch.Tensor:
+    """``(n,)`` bool: the prompts a gate for a mapping edit is for, the harmful prompts of
+    ``mapped_langs`` (:func:`fit_mapped_gate`, ``edit-runtime gate --mapped-langs``)."""
+    langs = set(mapped_langs)
+    return torch.tensor([p.label == "harmful" and p.lang in langs for p in prompts], dtype=torch.bool)
+
+
 def fit_mapped_gate(model: nn.Module, tokenizer: Any, train: Sequence[Any], validation: Sequence[Any],
                     mapped_langs: Sequence[str], *, layer: int, gate_on: float, batch_size: int = 16,
                     progress: bool = True) -> ProbeGate:
@@ -392,9 +399,6 @@ def fit_mapped_gate(model: nn.Module, tokenizer: Any, train: Sequence[Any], vali
         gate_on: the fraction of the validation prompts the gate is not for that it may turn on.
     """
 
-    def is_for(p: Any) -> bool:
-        return p.label == "harmful" and p.lang in mapped_langs
-
     def features(prompts: Sequence[Any]) -> torch.Tensor:
         return last_token_hidden(model, tokenizer, [p.text for p in prompts], [layer],
                                  batch_size=batch_size, progress=progress)[layer]
@@ -402,8 +406,7 @@ def fit_mapped_gate(model: nn.Module, tokenizer: Any, train: Sequence[Any], vali
     # checked before the forwards
     if not 0 < gate_on < 1:
         raise GateError(f"gate_on must be a fraction in (0, 1), got {gate_on!r}")
-    pos = torch.tensor([is_for(p) for p in train], dtype=torch.bool)
-    pos_val = torch.tensor([is_for(p) for p in validation], dtype=torch.bool)
+    pos, pos_val = mapped_harmful(train, mapped_langs), mapped_harmful(validation, mapped_langs)
     for name, mask in (("train", pos), ("validation", pos_val)):
         if not mask.any() or mask.all():
             raise GateError(f"the {name} prompts must hold both prompts the gate is for (harmful, "

@@ -89,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
-    from edit_runtime.gate import fit_probe_gate, last_token_hidden, threshold_at_most
+    from edit_runtime.gate import fit_probe_gate, last_token_hidden, mapped_harmful, threshold_at_most
     from edit_runtime.models import load_model
 
     if args.threads:
@@ -114,14 +114,10 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--harmless-on is for a harmful-vs-harmless gate; with --mapped-langs use --others-on")
     if mapped is not None and args.others_on is None and args.threshold is None:
         raise ValueError("--mapped-langs needs --others-on RATE or --threshold T")
-
-    def is_for(p) -> bool:
-        return mapped is None or (p.label == "harmful" and p.lang in mapped)
-
     if mapped is not None:
-        if not any(is_for(p) for (label, _), ps in train.items() if label == "harmful" for p in ps):
+        if not any(bool(mapped_harmful(ps, mapped).any()) for ps in train.values()):
             raise ValueError(f"--mapped-langs {mapped}: no harmful train prompt in those languages")
-        if args.others_on is not None and not any(not is_for(p) for ps in held.values() for p in ps):
+        if args.others_on is not None and all(bool(mapped_harmful(ps, mapped).all()) for ps in held.values()):
             raise ValueError("--others-on needs validation prompts the gate is not for; none has any")
     model, tok = load_model(args.model)  # a --layer the model lacks: GateError from the first features
 
@@ -139,7 +135,7 @@ def run(args: argparse.Namespace) -> int:
         # a harmful-vs-harmless gate: by label; a mapped gate: harmful prompts of the mapped languages
         if mapped is None:
             return torch.full((len(train[key]),), (key[0] == "harmful") == want, dtype=torch.bool)
-        return torch.tensor([is_for(p) == want for p in train[key]], dtype=torch.bool)
+        return mapped_harmful(train[key], mapped) == want
 
     if mapped is not None:
         meta["for"] = {"label": "harmful", "langs": list(mapped)}
@@ -151,8 +147,7 @@ def run(args: argparse.Namespace) -> int:
         harmless = torch.cat([sc for (label, _), sc in scores.items() if label == "harmless"]).double()
         threshold = float(torch.quantile(harmless, 1.0 - args.harmless_on))
     elif args.others_on is not None:
-        others = torch.cat([sc[torch.tensor([not is_for(p) for p in held[key]], dtype=torch.bool)]
-                            for key, sc in scores.items()])
+        others = torch.cat([sc[~mapped_harmful(held[key], mapped)] for key, sc in scores.items()])
         threshold = threshold_at_most(others, args.others_on)
     else:
         threshold = 0.0 if args.threshold is None else args.threshold
