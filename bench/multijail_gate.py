@@ -32,10 +32,11 @@ applied at a higher strength is worth more once a gate keeps it off harmless pro
 layers (each before the edited layer) and thresholds, the gate with the lowest mean non-English
 ASR whose English refusal is not below the base's and whose over-refusal is at most
 ``--max-over-refusal-rise`` above it (ties: fewer harmless prompts gated on, then the order of
-``--variant``). Then the test split is reported per language for base, the ungated delta and the gated one,
-with the paired bootstrap interval of the relative ASR change (unit: a prompt id with all its
-languages, 2000 draws, seed 0), the over-refusal, and how many MGSM English test questions the gate
-turns the edit on for (none: the gated model's MGSM is the base model's, exactly), and how often it
+``--variant``). Then the test split is reported per language for base, the ungated delta and the
+gated one, with the paired bootstrap interval of the relative ASR change (unit: a prompt id with
+all its languages, 2000 draws, seed 0); the gated edit's refusal rate and ASR per language with
+95 % bootstrap intervals, and its paired ASR change and flips against the base; the
+over-refusal; how many MGSM English test questions the gate turns the edit on for (none: the gated model's MGSM is the base model's, exactly), and how often it
 fires on other prompt sets: HarmBench (a source it never saw) and the test splits of AdvBench,
 alpaca and MGSM.
 
@@ -57,8 +58,9 @@ import numpy as np
 import torch
 
 from edit_runtime.data import load_prompts
+from edit_runtime.evaluate import paired_flips
 from edit_runtime.gate import ProbeGate, fit_probe_gate, last_token_hidden
-from edit_runtime.judge import JUDGE_NAMES, KeywordJudge, make_judge
+from edit_runtime.judge import JUDGE_NAMES, KeywordJudge, make_judge, summarize
 from edit_runtime.models import load_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling bench script below
@@ -118,6 +120,23 @@ def paired_interval(base: dict, other: dict, boot: int = 2000) -> tuple[float, f
     b = np.array([[base[(i, lg)] == "compliance" for lg in langs] for i in ids], dtype=float)
     o = np.array([[other[(i, lg)] == "compliance" for lg in langs] for i in ids], dtype=float)
     return relative_change_interval(b, o, boot=boot)
+
+
+def per_language_intervals(base: dict, other: dict, boot: int = 2000) -> dict[str, dict]:
+    """Per language: ``other``'s refusal rate and ASR with 95 % bootstrap intervals
+    (:func:`edit_runtime.judge.summarize`, seed 0) and the paired change of ASR against ``base``
+    with its interval and the compliance <-> refusal flips (:func:`edit_runtime.evaluate.paired_flips`,
+    over the ids both have)."""
+    langs = sorted({lg for _, lg in other}, key=lambda lg: (lg != ANCHOR, lg))
+    stats = summarize({lg: [v for (_, x), v in sorted(other.items()) if x == lg] for lg in langs}, n_boot=boot)
+    flips = paired_flips([{"id": i, "lang": lg, "verdict": {"label": v}} for (i, lg), v in base.items()],
+                         [{"id": i, "lang": lg, "verdict": {"label": v}} for (i, lg), v in other.items()],
+                         n_boot=boot)
+    return {lg: {"refusal_rate": stats["per_lang"][lg]["refusal_rate"], "asr": stats["per_lang"][lg]["asr"],
+                 "n": stats["per_lang"][lg]["n"], "delta_asr": flips[lg]["delta_asr"],
+                 "delta_asr_ci": flips[lg]["delta_asr_ci"], "n_paired": flips[lg]["n_paired"],
+                 "compliance_to_refusal": flips[lg]["compliance_to_refusal"],
+                 "refusal_to_compliance": flips[lg]["refusal_to_compliance"]} for lg in langs if lg in flips}
 
 
 def features(model, tok, sets: dict[str, list[dict]], layers: list[int], path: Path, batch_size: int) -> dict:
@@ -368,6 +387,22 @@ def main(argv: list[str] | None = None) -> int:
         lines.append("| over-refusal (" + " ".join(rows["base"]["over_refused"]) + ") | " + " | ".join(cells) + " |")
         lines.append(f"| harmful / harmless test prompts gated on | — | all | {statistics.fmean(on_h.values()):.2f} / "
                      f"{statistics.fmean(on_s.values()):.2f} |")
+        per = per_language_intervals(base_h, gated_h)
+        result["test"][f"{variant} gated"]["per_lang_intervals"] = per
+        lines += ["", f"The gated edit per language, 95 % intervals (refusal and ASR: bootstrap over responses; "
+                  f"the change: paired bootstrap over ids; flips: compliance -> refusal / refusal -> compliance):", "",
+                  "| lang | refusal, base -> gated | ASR, base -> gated | ASR change, points | flips |",
+                  "|---|---|---|---|---|"]
+        base_stats = summarize({lg: [v for (_, x), v in sorted(base_h.items()) if x == lg] for lg in per})["per_lang"]
+
+        def ci(s: dict) -> str:
+            return f"{100 * s['value']:.0f} [{100 * s['lo']:.0f}, {100 * s['hi']:.0f}]"
+
+        for lg, s in per.items():
+            lo, hi = s["delta_asr_ci"]
+            lines.append(f"| {lg} | {ci(base_stats[lg]['refusal_rate'])} -> {ci(s['refusal_rate'])} | "
+                         f"{ci(base_stats[lg]['asr'])} -> {ci(s['asr'])} | {100 * s['delta_asr']:+.1f} "
+                         f"[{100 * lo:+.1f}, {100 * hi:+.1f}] | {s['compliance_to_refusal']} / {s['refusal_to_compliance']} |")
     else:
         lines += ["", f"No test-stage files for {variant} yet: validation only. Run `python bench/multijail_proof.py "
                   f"-o {root} --stage test --best {variant} --test-variants base,best` (with the proof's test "

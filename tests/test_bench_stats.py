@@ -216,6 +216,28 @@ def test_gated_labels_compose_base_and_edited_per_prompt():
     assert rel == pytest.approx(0.5 / 1.0 - 1) and lo <= rel <= hi
 
 
+def test_gate_bench_per_language_intervals_pair_by_id():
+    """Per language: the gated rates with bootstrap intervals around them, and the paired ASR
+    change and flips counted over the ids both variants have, against a direct count."""
+    rng = np.random.default_rng(3)
+    labels = ("refusal", "compliance", "invalid")
+    base = {(str(i), lg): labels[rng.integers(3)] for i in range(30) for lg in ("en", "zh", "th")}
+    gated = {k: ("refusal" if v == "compliance" and rng.random() < 0.5 else v) for k, v in base.items()}
+    del gated[("0", "th")]  # an id only the base has is left out of the pairing
+    per = gate_bench.per_language_intervals(base, gated, boot=500)
+    assert list(per) == ["en", "th", "zh"]
+    for lg, s in per.items():
+        keys = [k for k in gated if k[1] == lg]
+        asr = np.mean([gated[k] == "compliance" for k in keys])
+        assert s["n"] == s["n_paired"] == len(keys)
+        assert s["asr"]["value"] == pytest.approx(asr) and s["asr"]["lo"] <= asr <= s["asr"]["hi"]
+        assert s["delta_asr"] == pytest.approx(asr - np.mean([base[k] == "compliance" for k in keys]))
+        lo, hi = s["delta_asr_ci"]
+        assert lo <= s["delta_asr"] <= hi <= 0  # the gate only turns compliance into refusal here
+        assert s["compliance_to_refusal"] == sum(base[k] == "compliance" and gated[k] == "refusal" for k in keys)
+        assert s["refusal_to_compliance"] == 0
+
+
 def test_gate_bench_judges_keyword_or_similarity_anchored_on_english():
     """``--judge similarity`` anchors every MultiJail and built-in harmless prompt on its English
     version by id; ``--judge keyword`` is the proof's judge."""
