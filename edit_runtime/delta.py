@@ -445,5 +445,6 @@ def check_fingerprint(model: nn.Module, delta: SparseDelta) -> None:
         raise FingerprintMismatchError(
             "this delta was fitted on another base model: "
             + "; ".join(problems)
-            + " (pass check_fingerprint=False to apply it anyway)"
+            + " (to apply it anyway: check_fingerprint=False in Python, --no-check-fingerprint on the"
+            " command line)"
         )

@@ -412,7 +412,8 @@ def evaluate(model: Any, tokenizer: Any, prompts: Sequence[Any], *,
     from edit_runtime.data import SPLIT_BOUNDS, SPLIT_SALT
     from edit_runtime.generation import check_positive_int, generate_to_jsonl
     from edit_runtime.gate import GatedDelta, GateError, attach_gate
-    from edit_runtime.patch import patch_model
+    from edit_runtime.delta import DeltaError
+    from edit_runtime.patch import PatchError, check_patch, patch_model
 
     prompts = list(prompts)
     if not prompts:
@@ -439,11 +440,15 @@ def evaluate(model: Any, tokenizer: Any, prompts: Sequence[Any], *,
     # load every delta first: a bad path (or a gate that cannot gate its delta) fails before any generation
     loaded = {name: _load_variant(name, spec) for name, spec in variants.items()}
     for vname, (spec, _) in loaded.items():
-        if isinstance(spec, GatedDelta):
-            try:
+        if spec is None:
+            continue
+        try:  # a delta for another model fails here, not after the base model's generations
+            check_patch(model, spec.delta if isinstance(spec, GatedDelta) else spec,
+                        check_fingerprint=check_fingerprint)
+            if isinstance(spec, GatedDelta):
                 spec.check(model)
-            except GateError as exc:
-                raise GateError(f"variant {vname!r}: {exc}") from None
+        except (DeltaError, PatchError, GateError) as exc:
+            raise type(exc)(f"variant {vname!r}: {exc}") from None
     base_name = next((n for n, (d, _) in loaded.items() if d is None), None)
 
     budget_fn = getattr(judge, "min_new_tokens_for", judge_mod.min_new_tokens_for)

@@ -722,6 +722,9 @@ def _resolve(model: nn.Module, edit: ModuleEdit) -> tuple[nn.Module, nn.Linear]:
 
 def _plan(model: nn.Module, delta: SparseDelta, check_fingerprint: bool) -> list[_Plan]:
     """Validates everything a patch needs without touching the model; returns the cast edits."""
+    if check_fingerprint:
+        # first: a delta for another model then fails naming the model, not a module's shape
+        _check_fingerprint(model, delta)
     plans = []
     for edit in delta.edits:
         edit.validate()  # catches tensors changed (e.g. NaN written) after construction
@@ -734,8 +737,6 @@ def _plan(model: nn.Module, delta: SparseDelta, check_fingerprint: bool) -> list
                 raise DeltaError(f"edit of {edit.module!r}: {name} overflows when cast to the module's {dtype}")
         cast = edit.to(dtype=dtype, device=base.weight.device)
         plans.append(_Plan(cast, target, base))
-    if check_fingerprint:
-        _check_fingerprint(model, delta)
     # Stacking rule for side-"in" edits with a scale (they read W[:, S] from the base weight).
     for i, plan in enumerate(plans):
         e = plan.edit
@@ -753,6 +754,17 @@ def _plan(model: nn.Module, delta: SparseDelta, check_fingerprint: bool) -> list
                     "changes the columns this one scales; remove or merge it first, or list the 'in' edit first"
                 )
     return plans
+
+
+def check_patch(model: nn.Module, delta: SparseDelta | str | Path, *, check_fingerprint: bool = True) -> None:
+    """Runs every check :func:`patch_model` runs (fingerprint, module paths, shapes and index
+    ranges, finite values in the module dtype, stacking rules) and leaves the model untouched, so a
+    long job can refuse a bad delta before its first forward. Raises what ``patch_model`` raises."""
+    if isinstance(delta, (str, Path)):
+        delta = SparseDelta.load(delta)
+    if not isinstance(delta, SparseDelta):
+        raise DeltaError(f"delta must be a SparseDelta or a path, got {type(delta).__name__}")
+    _plan(model, delta, check_fingerprint)
 
 
 def patch_model(

@@ -205,6 +205,30 @@ def test_gate_that_cannot_gate_its_delta_fails_before_generating(tiny, tok, tmp_
     assert not (tmp_path / "generations").exists() and not patched_modules(tiny)
 
 
+def test_delta_that_cannot_patch_the_model_fails_before_generating(tiny, tok, tmp_path):
+    """A delta fitted on another model (its fingerprint) or with shapes the model lacks is refused,
+    naming the variant, before the base model generates anything; nothing is patched."""
+    from edit_runtime.delta import DeltaError, FingerprintMismatchError, compute_fingerprint
+
+    other = make_tiny_model("llama", vocab_size=len(tok), seed=6)
+    foreign = _delta(other)
+    foreign = SparseDelta(foreign.edits, foreign.metadata,
+                          fingerprint=compute_fingerprint(other, [e.module for e in foreign.edits]))
+    with pytest.raises(FingerprintMismatchError, match="variant 'x': this delta was fitted on another base "
+                                                       "model.*--no-check-fingerprint"):
+        evaluate(tiny, tok, _prompts(), variants={"base": None, "x": foreign}, out_dir=tmp_path, progress=False)
+    d = tiny.config.hidden_size
+    wide = SparseDelta([ModuleEdit("model.layers.1.mlp.up_proj", "out", torch.tensor([3, 17]),
+                                   U=torch.randn(2, 2), V=torch.randn(2, d + 1))])
+    with pytest.raises(DeltaError, match=f"variant 'y': .*V must be \\(r, in_features={d}\\)"):
+        evaluate(tiny, tok, _prompts(), variants={"base": None, "y": wide}, out_dir=tmp_path, progress=False)
+    assert not (tmp_path / "generations").exists() and not patched_modules(tiny)
+    # the same foreign delta is accepted when the check is turned off
+    evaluate(tiny, tok, _prompts()[:1], variants={"x": foreign}, out_dir=tmp_path / "ok", max_new_tokens=2,
+             progress=False, check_fingerprint=False, write=False)
+    assert not patched_modules(tiny)
+
+
 def test_paired_flips_counts_and_interval():
     def recs(labels):
         return [{"id": str(i), "lang": "bn", "verdict": {"label": lab}} for i, lab in enumerate(labels)]

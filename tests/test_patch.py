@@ -847,6 +847,26 @@ def test_fingerprint_matches_and_can_be_skipped(arch, model):
     patch_model(other, signed, check_fingerprint=False).remove()
 
 
+def test_delta_for_a_model_of_another_size_names_the_model_not_a_shape():
+    """A signed delta applied to a model of another size fails on the fingerprint (the config
+    shapes that differ), before any module's shape check; check_patch raises the same and leaves
+    the model untouched."""
+    from edit_runtime.patch import check_patch
+
+    small = make_tiny_model("llama")
+    delta = random_delta(small, LAYER)
+    signed = SparseDelta(delta.edits, fingerprint=compute_fingerprint(small, delta.modules))
+    wide = make_tiny_model("llama", hidden_size=2 * small.config.hidden_size)
+    before = {k: v.clone() for k, v in wide.state_dict().items()}
+    for call in (patch_model, check_patch):
+        with pytest.raises(FingerprintMismatchError, match="config shapes differ.*hidden_size"):
+            call(wide, signed)
+    with pytest.raises(DeltaError, match="V must be"):  # without the fingerprint check: the shape
+        check_patch(wide, signed, check_fingerprint=False)
+    assert not patched_modules(wide)
+    assert all(torch.equal(v, wide.state_dict()[k]) for k, v in before.items())
+
+
 def test_not_a_delta(model):
     with pytest.raises(DeltaError, match="SparseDelta"):
         patch_model(model, {"edits": []})
