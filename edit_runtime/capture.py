@@ -141,12 +141,13 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
 
 from edit_runtime.arch import find_decoder_layers, find_mlp
 from edit_runtime.data import Prompt, render_chat
+from edit_runtime.files import save_safetensors
 from edit_runtime.ops import masked_cov_
 from edit_runtime.packed_linear import packed_linears
 
@@ -238,16 +239,12 @@ def _write(path: Path, tensors: dict[str, torch.Tensor], sidecar: dict[str, Any]
     if path.suffix != ".safetensors":
         path = path.with_name(path.name + ".safetensors")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp),
-              metadata={"format": sidecar["format"]})
     side = path.with_suffix(".json")
     side_tmp = side.with_name(side.name + ".tmp")
     side_tmp.write_text(json.dumps(sidecar, indent=1, sort_keys=True, default=str))
     # sidecar first, tensors last: a file set is complete iff the .safetensors exists.
     side_tmp.replace(side)
-    tmp.replace(path)
-    return path
+    return save_safetensors(tensors, path, {"format": sidecar["format"]})
 
 
 def _read(path: Path, fmt: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

@@ -288,7 +288,7 @@ class SparseDelta:
     # -- I/O ----------------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
         """Writes the delta as one safetensors file with a JSON header; returns the path."""
-        from safetensors.torch import save_file
+        from edit_runtime.files import save_safetensors
 
         tensors: dict[str, torch.Tensor] = {}
         listing = []
@@ -306,10 +306,7 @@ class SparseDelta:
             "metadata": json.dumps(self.metadata, sort_keys=True),
             "fingerprint": json.dumps(self.fingerprint, sort_keys=True),
         }
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_file(tensors, str(path), metadata=header)
-        return path
+        return save_safetensors(tensors, path, header)
 
     @classmethod
     def load(cls, path: str | Path) -> "SparseDelta":

@@ -62,6 +62,7 @@ from torch import nn
 
 from edit_runtime.delta import DeltaError, ModuleEdit, SparseDelta
 from edit_runtime.delta import check_fingerprint as _check_fingerprint
+from edit_runtime.files import apply_umask
 
 log = logging.getLogger(__name__)
 
@@ -269,7 +270,7 @@ def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
 def _publish(tmp: Path, out_dir: Path, overwrite: bool) -> None:
     """Renames the finished ``tmp`` folder to ``out_dir`` (replacing it only when ``overwrite``)."""
     _check_out_dir(out_dir, overwrite)
-    _umask_permissions(tmp)
+    apply_umask(tmp)  # mkdtemp makes a 0700 folder and safetensors 0600 files
     old = None
     if out_dir.is_dir() and any(out_dir.iterdir()):
         old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
@@ -284,16 +285,6 @@ def _publish(tmp: Path, out_dir: Path, overwrite: bool) -> None:
 def _tmp_dir(out_dir: Path) -> Path:
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     return Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-
-
-def _umask_permissions(folder: Path) -> None:
-    """``mkdtemp`` makes a 0700 folder (and some writers 0600 files); give the published output
-    the usual umask permissions so a server running as another user (e.g. in a container) reads it."""
-    mask = os.umask(0)
-    os.umask(mask)
-    folder.chmod(0o777 & ~mask)
-    for p in folder.rglob("*"):
-        p.chmod((0o777 if p.is_dir() else 0o666) & ~mask)
 
 
 # -------------------------------------------------------------------------------- LoRA factors

@@ -112,14 +112,11 @@ class ProbeGate:
     # -- files -------------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
         """Writes a safetensors file (the weight plus JSON metadata); returns the path."""
-        from safetensors.torch import save_file
+        from edit_runtime.files import save_safetensors
 
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         header = {"format": GATE_FORMAT, "layer": str(self.layer), "bias": repr(self.bias),
                   "threshold": repr(self.threshold), "metadata": json.dumps(self.metadata)}
-        save_file({"weight": self.weight}, str(path), metadata=header)
-        return path
+        return save_safetensors({"weight": self.weight}, path, header)
 
     @classmethod
     def load(cls, path: str | Path) -> "ProbeGate":

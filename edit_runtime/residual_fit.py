@@ -155,17 +155,12 @@ class ResidualStats:
     keep_count: int
 
     def save(self, path: str | Path, meta: dict[str, Any]) -> Path:
-        from safetensors.torch import save_file
+        from edit_runtime.files import save_safetensors
 
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         side = {"format": _STATS_FORMAT, "layer": self.layer, "keys": self.keys,
                 "keep_count": self.keep_count, **meta}
-        tmp = path.with_suffix(".tmp")
-        save_file({"h_last": self.h_last.contiguous(), "r_last": self.r_last.contiguous(),
-                   "keep_xtx": self.keep_xtx.contiguous()}, str(tmp), metadata={"meta": json.dumps(side)})
-        tmp.replace(path)
-        return path
+        return save_safetensors({"h_last": self.h_last, "r_last": self.r_last, "keep_xtx": self.keep_xtx},
+                                path, {"meta": json.dumps(side)})
 
     @classmethod
     def load(cls, path: str | Path) -> tuple["ResidualStats", dict[str, Any]]:
