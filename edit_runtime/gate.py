@@ -75,6 +75,10 @@ class ProbeGate:
     threshold: float = 0.0
     metadata: dict[str, Any] = field(default_factory=dict)
 
+    def __repr__(self) -> str:  # the weight vector is d_model numbers: show its size, not its values
+        return (f"ProbeGate(layer={self.layer}, d_model={self.weight.numel()}, bias={self.bias:.4g}, "
+                f"threshold={self.threshold:g})")
+
     def __post_init__(self) -> None:
         if not isinstance(self.layer, int) or isinstance(self.layer, bool) or self.layer < 0:
             raise GateError(f"gate layer must be a non-negative int, got {self.layer!r}")

@@ -52,3 +52,4 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
         save_safetensors({"x": "not a tensor"}, path)  # type: ignore[dict-item]
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["t.safetensors"]
+

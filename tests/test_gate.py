@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from delta_helpers import random_delta
+from edit_runtime.delta import ModuleEdit, SparseDelta
 from edit_runtime.gate import (GatedDelta, GateError, ProbeGate, attach_gate, check_gate, fit_mapped_gate,
                                fit_probe_gate, last_token_hidden, threshold_at_most)
 from edit_runtime.patch import patch_model
@@ -435,3 +436,12 @@ def test_cli_gate_mapped_langs_is_the_demo_gate(smollm2, tmp_path, capsys):
                      "--harmless", "builtin:harmless", "-o", str(tmp_path / "x.safetensors"), *extra]) == 2
         assert message in capsys.readouterr().err
     assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_gate_repr_is_short():
+    """A gate's repr names its layer, size, bias and threshold, not d_model weight values."""
+    gate = ProbeGate(16, torch.randn(896), 0.25, 1.0)
+    assert repr(gate) == "ProbeGate(layer=16, d_model=896, bias=0.25, threshold=1)"
+    edit = ModuleEdit("model.layers.20.mlp.up_proj", "out", torch.tensor([0]), U=torch.randn(1, 1),
+                      V=torch.randn(1, 4))
+    assert len(repr(GatedDelta(SparseDelta([edit]), gate))) < 200
