@@ -377,7 +377,13 @@ def _resolve(source: str | os.PathLike, fmt: str | None) -> tuple[str, Any]:
         root = shared_data_dir(required=True)
         path = root / _SHORT_NAMES[s]
     if not path.exists():
-        raise DataSourceError(f"data source not found: {s!r}")
+        if s in _SHORT_NAMES:  # the short name resolved into the shared folder, which lacks it
+            raise DataSourceError(
+                f"data source not found: {s!r} is {path} in the shared data folder, which does not hold "
+                "it (set EDIT_RUNTIME_SHARED_DATA to the folder that does, or pass the file's path)")
+        raise DataSourceError(
+            f"data source not found: {s!r} is neither a file nor a folder, nor one of the short names "
+            f"({', '.join(sorted(_SHORT_NAMES))}), builtin[:harmful|:harmless] or hf:<id>")
     return (fmt or _sniff(path)), path
 
 

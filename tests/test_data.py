@@ -301,8 +301,15 @@ def test_generic_jsonl_and_csv(tmp_path):
                                                     ("long:1", "sw", "second")]
     with pytest.raises(DataSourceError, match="text_field"):
         load_prompts(long_csv, text_field="nope", label="harmful")
-    with pytest.raises(DataSourceError, match="not found"):
+    with pytest.raises(DataSourceError, match="not found: .*missing.jsonl.* short names \\(advbench, alpaca"):
         load_prompts(tmp_path / "missing.jsonl")
+
+
+def test_a_short_name_missing_from_the_shared_folder_names_the_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("EDIT_RUNTIME_SHARED_DATA", str(tmp_path))
+    with pytest.raises(DataSourceError, match=f"'multijail' is {tmp_path}/multijail/MultiJail.csv in the shared "
+                                              "data folder.*EDIT_RUNTIME_SHARED_DATA"):
+        load_prompts("multijail")
 
 
 def test_hf_without_datasets_says_so(monkeypatch):
