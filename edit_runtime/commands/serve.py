@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import argparse
 
-from edit_runtime.commands.argtypes import gate_spec, gates_by_delta, positive_int
+from edit_runtime.commands.argtypes import HelpFormatter, gate_spec, gates_by_delta, positive_int, user_description
 
 
 def _delta_spec(text: str) -> tuple[str, str]:
@@ -30,7 +30,7 @@ def _delta_spec(text: str) -> tuple[str, str]:
 def register(sub: argparse._SubParsersAction) -> None:
     """Adds the ``serve`` sub-command."""
     p = sub.add_parser("serve", help="OpenAI-compatible server (chat/completions, streaming) with per-request edits",
-                       description=__doc__.replace("``", ""), formatter_class=argparse.RawDescriptionHelpFormatter)
+                       description=user_description(__doc__), formatter_class=HelpFormatter)
     p.add_argument("--model", required=True, help="short name, HF folder, .gguf file or hub id")
     p.add_argument("--delta", action="append", type=_delta_spec, default=[], metavar="NAME=PATH",
                    help="a delta to offer as model '<served-name>+NAME' (repeatable)")
@@ -40,19 +40,21 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="merge the only delta into the weights (zero overhead; the base model is not offered)")
     p.add_argument("--served-model-name", default=None,
                    help="name of the base model in requests (default: the model's short name)")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port to listen on")
     p.add_argument("--max-batch-size", type=positive_int, default=8, help="sequences decoded together")
     p.add_argument("--max-queue", type=positive_int, default=64, help="waiting requests before 503 queue_full")
     p.add_argument("--max-model-len", type=positive_int, default=None,
                    help="prompt + completion tokens (default: the model's max_position_embeddings)")
     p.add_argument("--max-tokens-limit", type=positive_int, default=2048, help="largest max_tokens a request may ask")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                   help="dtype the model is loaded in")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:0, ...")
-    p.add_argument("--threads", type=positive_int, default=None, help="torch intra-op threads")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch intra-op threads (default: torch's choice)")
     p.add_argument("--no-check-fingerprint", action="store_true",
                    help="accept deltas whose base-model fingerprint does not match")
-    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
+                   help="log level of the HTTP server (uvicorn)")
     p.set_defaults(func=run)
 
 
