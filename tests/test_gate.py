@@ -427,7 +427,22 @@ def test_cli_gate_mapped_langs_is_the_demo_gate(smollm2, tmp_path, capsys):
     torch.testing.assert_close(gate.weight, ref.weight, rtol=1e-4, atol=1e-5)
     assert gate.threshold == pytest.approx(ref.threshold, abs=1e-4)
     assert gate.metadata["for"] == {"label": "harmful", "langs": ["zh"]}
-    capsys.readouterr()
+    # the report counts the two classes the gate was fitted on, and shows each source's validation
+    # prompts the gate is for apart from the others, whose rate the threshold bounds
+    train = split("train")
+    n_for = sum(p.label == "harmful" and p.lang == "zh" for p in train)
+    printed = capsys.readouterr().out
+    assert f"fitted on {n_for} prompts it is for (harmful, zh) + {len(train) - n_for} others" in printed
+    assert gate.metadata["fitted"] == {"for": n_for, "other": len(train) - n_for}
+    on = gate.metadata["validation_on"]
+    assert set(on) == {"harmful, gate is for:builtin:harmful", "harmful, other:builtin:harmful",
+                       "harmless, other:builtin:harmless"}
+    assert "| builtin:harmful | harmful, gate is for |" in printed
+    others = [p for p in split("validation") if not (p.label == "harmful" and p.lang == "zh")]
+    n_harmful_other = sum(p.label == "harmful" for p in others)
+    rate = (on["harmful, other:builtin:harmful"] * n_harmful_other
+            + on["harmless, other:builtin:harmless"] * (len(others) - n_harmful_other)) / len(others)
+    assert rate == pytest.approx(ref.metadata["validation_on"]["other"], abs=1e-6) and rate <= 0.1
     for extra, message in ((["--others-on", "0.1"], "--others-on goes with --mapped-langs"),
                            (["--mapped-langs", "zh"], "--mapped-langs needs --others-on RATE or --threshold T"),
                            (["--mapped-langs", "zh", "--harmless-on", "0.1"], "with --mapped-langs use --others-on"),

@@ -139,6 +139,8 @@ def run(args: argparse.Namespace) -> int:
 
     if mapped is not None:
         meta["for"] = {"label": "harmful", "langs": list(mapped)}
+        meta["fitted"] = {"for": sum(int(rows_for(key, True).sum()) for key in train),
+                          "other": sum(int(rows_for(key, False).sum()) for key in train)}
     gate = fit_probe_gate(torch.cat([f[rows_for(key, True)] for key, f in feats.items()]),
                           torch.cat([f[rows_for(key, False)] for key, f in feats.items()]),
                           args.layer, l2=args.l2, metadata=meta)
@@ -158,13 +160,26 @@ def run(args: argparse.Namespace) -> int:
                                                   for t in shown) + " |",
              "|---" * (3 + len(shown)) + "|"]
     for (label, s), sc in scores.items():
-        lines.append(f"| {s} | {label} | {len(sc)} | " + " | ".join(f"{float((sc > t).float().mean()):.2f}"
-                                                               for t in shown) + " |")
-        gate.metadata.setdefault("validation_on", {})[f"{label}:{s}"] = float((sc > threshold).float().mean())
+        # a mapped gate: each source's prompts it is for and the others, apart (the threshold is set on
+        # the others; pooled, the two would hide each other)
+        if mapped is None:
+            parts = [(label, sc)]
+        else:
+            mine = mapped_harmful(held[(label, s)], mapped)
+            parts = [(f"{label}, {'gate is for' if want else 'other'}", sc[mine == want]) for want in (True, False)
+                     if bool((mine == want).any())]
+        for kind, part in parts:
+            lines.append(f"| {s} | {kind} | {len(part)} | " + " | ".join(f"{float((part > t).float().mean()):.2f}"
+                                                                      for t in shown) + " |")
+            gate.metadata.setdefault("validation_on", {})[f"{kind}:{s}"] = float((part > threshold).float().mean())
     if not scores:
         lines.append("(no validation prompts: --split is not train, or no source has a validation split)")
     path = gate.save(Path(args.output))
     print("\n".join(lines))
-    print(f"\nwrote {path}: layer {gate.layer}, threshold {threshold:.4g}, fitted on "
-          f"{sum(meta['harmful'].values())} harmful + {sum(meta['harmless'].values())} harmless prompts")
+    if mapped is None:
+        fitted = f"{sum(meta['harmful'].values())} harmful + {sum(meta['harmless'].values())} harmless prompts"
+    else:
+        fitted = (f"{meta['fitted']['for']} prompts it is for (harmful, {','.join(mapped)}) + "
+                  f"{meta['fitted']['other']} others")
+    print(f"\nwrote {path}: layer {gate.layer}, threshold {threshold:.4g}, fitted on {fitted}")
     return 0
