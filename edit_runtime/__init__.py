@@ -2,7 +2,7 @@
 
 Public API: ``SparseDelta``, ``ModuleEdit`` (the delta format), ``patch_model`` /
 ``PatchHandle`` (apply a delta to a loaded Hugging Face model without forming the dense delta),
-and the errors they raise.
+``check_patch`` (the same checks, model untouched), and the errors they raise.
 """
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ __all__ = [
     "ModuleEdit",
     "SparseDelta",
     "patch_model",
+    "check_patch",
     "PatchHandle",
     "PatchError",
     "DeltaError",
@@ -29,7 +30,7 @@ __version__ = "0.1.0"
 
 def __getattr__(name: str):
     # patch.py pulls in the kernels; import it on first use so `import edit_runtime` stays light.
-    if name in ("patch_model", "PatchHandle", "PatchError"):
+    if name in ("patch_model", "check_patch", "PatchHandle", "PatchError"):
         from edit_runtime import patch
 
         return getattr(patch, name)
