@@ -373,8 +373,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     level = logging.DEBUG if args.verbose else logging.INFO
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
     try:
-        return int(args.func(args) or 0)
+        with logging_redirect_tqdm():  # log lines print above a running progress bar, not into it
+            return int(args.func(args) or 0)
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
         # Library errors already name the offending value; a traceback adds nothing for a user.
         if args.verbose > 1:

@@ -218,7 +218,12 @@ def run(argv: Sequence[str] | None = None) -> int:
 
 
 def main() -> None:  # pragma: no cover
-    sys.exit(run())
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    with logging_redirect_tqdm():  # log lines print above a running progress bar, not into it
+        code = run()
+    sys.exit(code)
 
 
 if __name__ == "__main__":  # pragma: no cover
