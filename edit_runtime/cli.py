@@ -210,13 +210,7 @@ def _add_fit(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-neurons", type=positive_int, default=None,
                    help="swe: keep at most this many safety neurons per layer, those of highest z-score "
                         "(default: all)")
-    p.add_argument("--z-threshold", type=float, default=2.0,
-                   help="swe: a neuron is a safety neuron if the z-score (over the layer's neurons) of its "
-                        "harmful-minus-harmless activation gap exceeds this, or if its Cohen's d exceeds "
-                        "--d-threshold")
-    p.add_argument("--d-threshold", type=float, default=1.0,
-                   help="swe: Cohen's d threshold (the gap over the pooled standard deviation); see "
-                        "--z-threshold")
+    _add_swe_thresholds(p, "swe")
     p.add_argument("--split", default="train", help="split of the prompts to fit on: train, validation, test or all")
     p.add_argument("--heldout", action="store_true",
                    help="swe: also report the gap closed on the validation split")
@@ -308,13 +302,7 @@ def _add_neurons(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--activation", choices=["up", "gate", "h", "up_or_gate"], default="up",
                    help="SWE: activation the neurons are chosen on: up_proj or gate_proj pre-activation, "
                         "h = act(gate)·up, or up_or_gate (the union of the up and gate sets)")
-    p.add_argument("--z-threshold", type=float, default=2.0,
-                   help="SWE: a neuron is a safety neuron if the z-score (over the layer's neurons) of its "
-                        "harmful-minus-harmless activation gap exceeds this, or if its Cohen's d exceeds "
-                        "--d-threshold")
-    p.add_argument("--d-threshold", type=float, default=1.0,
-                   help="SWE: Cohen's d threshold (the gap over the pooled standard deviation); see "
-                        "--z-threshold")
+    _add_swe_thresholds(p, "SWE")
     p.add_argument("--top-percent", type=float, default=3.0,
                    help="SSN: percentage p of the layer's neurons: the top p%% by importance on harmful prompts, "
                         "minus the top p%% on harmless ones")
@@ -366,6 +354,17 @@ def build_parser() -> argparse.ArgumentParser:
     for register in [*_REGISTRARS, *_command_registrars()]:
         register(sub)
     return parser
+
+
+def _add_swe_thresholds(p: argparse.ArgumentParser, tag: str) -> None:
+    """``--z-threshold`` and ``--d-threshold``, the SWE safety-neuron rule (``fit`` and ``neurons``)."""
+    p.add_argument("--z-threshold", type=float, default=2.0,
+                   help=f"{tag}: a neuron is a safety neuron if the z-score (over the layer's neurons) of its "
+                        "harmful-minus-harmless activation gap exceeds this, or if its Cohen's d exceeds "
+                        "--d-threshold")
+    p.add_argument("--d-threshold", type=float, default=1.0,
+                   help=f"{tag}: Cohen's d threshold (the gap over the pooled standard deviation); see "
+                        "--z-threshold")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
