@@ -410,9 +410,9 @@ def evaluate(model: Any, tokenizer: Any, prompts: Sequence[Any], *,
     """
     from edit_runtime import judge as judge_mod
     from edit_runtime.data import SPLIT_BOUNDS, SPLIT_SALT
-    from edit_runtime.generation import check_positive_int, generate_to_jsonl
-    from edit_runtime.gate import GatedDelta, GateError, attach_gate
     from edit_runtime.delta import DeltaError
+    from edit_runtime.gate import GatedDelta, GateError, attach_gate
+    from edit_runtime.generation import check_positive_int, generate_to_jsonl
     from edit_runtime.patch import PatchError, check_patch, patch_model
 
     prompts = list(prompts)
