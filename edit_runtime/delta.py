@@ -240,6 +240,9 @@ class SparseDelta:
             json.dumps(self.fingerprint)
         except TypeError as exc:
             raise DeltaError(f"metadata and fingerprint must be JSON-serialisable: {exc}") from None
+        if not isinstance(self.metadata, dict):
+            raise DeltaError(f"metadata must be a JSON object (dict), got {type(self.metadata).__name__}")
+        _check_fingerprint_shape(self.fingerprint)
 
     @property
     def modules(self) -> list[str]:
@@ -288,7 +291,7 @@ class SparseDelta:
     # -- I/O ----------------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
         """Writes the delta as one safetensors file with a JSON header; returns the path."""
-        from edit_runtime.files import save_safetensors
+        from edit_runtime.files import save_safetensors, tensors_digest
 
         tensors: dict[str, torch.Tensor] = {}
         listing = []
@@ -305,6 +308,7 @@ class SparseDelta:
             "edits": json.dumps(listing),
             "metadata": json.dumps(self.metadata, sort_keys=True),
             "fingerprint": json.dumps(self.fingerprint, sort_keys=True),
+            "tensors_sha256": tensors_digest(tensors),
         }
         return save_safetensors(tensors, path, header)
 
@@ -313,7 +317,11 @@ class SparseDelta:
         """Reads a delta written by ``save``; raises ``DeltaFormatError`` naming what is wrong."""
         from safetensors import safe_open
 
+        from edit_runtime.files import tensors_digest
+
         path = Path(path)
+        if path.is_dir():
+            raise DeltaFormatError(f"{path}: is a folder, not a delta file")
         if not path.is_file():
             raise DeltaFormatError(f"{path}: no such delta file")
         try:
@@ -333,6 +341,10 @@ class SparseDelta:
                 f"{path}: unknown delta format version {version!r}; this edit_runtime reads "
                 f"{', '.join(map(str, SUPPORTED_FORMAT_VERSIONS))}"
             )
+        digest = header.get("tensors_sha256")  # absent in files written before it was added
+        if digest is not None and digest != tensors_digest(tensors):
+            raise DeltaFormatError(f"{path}: the tensor data does not match the checksum in its header "
+                                   "(the file is corrupt or was altered after it was written)")
         try:
             listing = json.loads(header["edits"])
             metadata = json.loads(header.get("metadata", "{}"))
@@ -361,7 +373,10 @@ class SparseDelta:
                 raise DeltaFormatError(f"{path}: {exc}") from None
             except (KeyError, TypeError) as exc:
                 raise DeltaFormatError(f"{path}: corrupt edit entry {i} ({exc})") from None
-        return cls(edits=edits, metadata=metadata, fingerprint=fingerprint)
+        try:
+            return cls(edits=edits, metadata=metadata, fingerprint=fingerprint)
+        except DeltaError as exc:
+            raise DeltaFormatError(f"{path}: {exc}") from None
 
 
 # -- fingerprint ------------------------------------------------------------------------------
@@ -388,6 +403,31 @@ def _weight_digest(weight: torch.Tensor) -> dict[str, Any]:
         "probes": flat[idx].double().tolist(),
         "rms": float(flat.double().pow(2).mean().sqrt()),
     }
+
+
+def _check_fingerprint_shape(fp: Any) -> None:
+    """A fingerprint is None or what :func:`compute_fingerprint` returns; anything else (a hand-edited
+    or corrupt header) is refused here, not met as an AttributeError in the middle of a patch."""
+    if fp is None:
+        return
+    problem = None
+    if not isinstance(fp, dict):
+        problem = f"a JSON object, got {type(fp).__name__}"
+    elif not isinstance(fp.get("config_sha256"), str) or not isinstance(fp.get("config", {}), dict):
+        problem = "config_sha256 (a string) and config (an object)"
+    elif not isinstance(fp.get("modules", {}), dict):
+        problem = f"modules as an object of module name -> digest, got {type(fp['modules']).__name__}"
+    else:
+        for name, digest in fp.get("modules", {}).items():
+            if (not isinstance(digest, dict) or not isinstance(digest.get("shape"), list)
+                    or not isinstance(digest.get("sha256_fp32"), str) or not isinstance(digest.get("probes"), list)
+                    or not all(isinstance(x, (int, float)) for x in digest["probes"])
+                    or not isinstance(digest.get("rms"), (int, float))):
+                problem = f"for module {name!r} a digest with shape, sha256_fp32, probes and rms"
+                break
+    if problem is not None:
+        raise DeltaError(f"fingerprint must be None or a base-model fingerprint (compute_fingerprint) with "
+                         f"{problem}")
 
 
 def compute_fingerprint(model: nn.Module, modules: Iterable[str]) -> dict[str, Any]:

@@ -7,6 +7,7 @@ the umask; a delta or a gate written that way cannot be read by a server running
 """
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 from typing import Mapping
@@ -51,3 +52,14 @@ def save_safetensors(tensors: Mapping[str, torch.Tensor], path: str | Path,
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def tensors_digest(tensors: Mapping[str, torch.Tensor]) -> str:
+    """sha256 over every tensor's name, dtype, shape and bytes, in name order: stored in a file's
+    header at save and compared at load, so a flipped byte in the data is caught, not applied."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().contiguous().cpu()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()

@@ -720,6 +720,17 @@ def _resolve(model: nn.Module, edit: ModuleEdit) -> tuple[nn.Module, nn.Linear]:
     return target, base
 
 
+def _product_overflows(U: torch.Tensor, V: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether some entry of ``U @ V`` ((a, r) @ (r, b)) exceeds ``dtype``'s range. Cauchy-Schwarz
+    bounds every entry by (largest row norm of U) x (largest column norm of V); only when that
+    bound is out of range is the product formed, in float64 and a block of rows at a time."""
+    limit = torch.finfo(dtype).max
+    u, v = U.double(), V.double()
+    if float(u.norm(dim=1).max()) * float(v.norm(dim=0).max()) <= limit:
+        return False
+    return any(bool((u[i:i + 256] @ v).abs().max() > limit) for i in range(0, u.shape[0], 256))
+
+
 def _plan(model: nn.Module, delta: SparseDelta, check_fingerprint: bool) -> list[_Plan]:
     """Validates everything a patch needs without touching the model; returns the cast edits."""
     if check_fingerprint:
@@ -735,6 +746,9 @@ def _plan(model: nn.Module, delta: SparseDelta, check_fingerprint: bool) -> list
             t = getattr(edit, name)
             if t is not None and not bool(torch.isfinite(t.to(dtype)).all()):
                 raise DeltaError(f"edit of {edit.module!r}: {name} overflows when cast to the module's {dtype}")
+        if edit.U is not None and _product_overflows(edit.U, edit.V, dtype):
+            raise DeltaError(f"edit of {edit.module!r}: U @ V overflows the module's {dtype} (each factor is "
+                             "finite, their product is not)")
         cast = edit.to(dtype=dtype, device=base.weight.device)
         plans.append(_Plan(cast, target, base))
     # Stacking rule for side-"in" edits with a scale (they read W[:, S] from the base weight).

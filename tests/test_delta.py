@@ -133,7 +133,7 @@ def test_to_casts_floats_only():
 
 # -- I/O ------------------------------------------------------------------------------------------
 def test_round_trip(tmp_path):
-    d = _delta(fingerprint={"config_sha256": "x", "modules": {}})
+    d = _delta(fingerprint={"config_sha256": "x", "config": {}, "modules": {}})
     path = d.save(tmp_path / "sub" / "d.safetensors")
     back = SparseDelta.load(path)
     assert back.metadata == d.metadata and back.fingerprint == d.fingerprint
@@ -227,6 +227,37 @@ def test_corrupt_header_and_missing_tensor(tmp_path):
                                     {"edits.0.neurons": S, "edits.0.scale": torch.ones(2)}, header))
 
 
+
+@pytest.mark.parametrize("fingerprint", ['"abc"', '{"modules": [1, 2]}', '{"config_sha256": 5}',
+                                         '{"config_sha256": "x", "modules": {"m": {"shape": [2]}}}'])
+def test_malformed_fingerprint_in_header_is_a_format_error(tmp_path, fingerprint):
+    """A hand-edited or corrupt fingerprint is refused at load (and at construction), not met as
+    an AttributeError while a model is being patched."""
+    e = _edit()
+    header = _raw_header([{"module": "m", "side": "out"}])
+    header["fingerprint"] = fingerprint
+    path = _write_raw(tmp_path / "d.safetensors", {"edits.0.neurons": e.neurons, "edits.0.U": e.U,
+                                                   "edits.0.V": e.V}, header)
+    with pytest.raises(DeltaFormatError, match="fingerprint must be None or a base-model fingerprint"):
+        SparseDelta.load(path)
+    with pytest.raises(DeltaError, match="fingerprint must be"):
+        SparseDelta([e], fingerprint=json.loads(fingerprint))
+
+
+def test_a_changed_byte_in_the_tensor_data_fails_the_checksum(tmp_path):
+    """save writes a sha256 of the tensors into the header; load recomputes it, so corruption that
+    leaves a well-formed file (one flipped byte of V) is caught instead of applied."""
+    path = _delta().save(tmp_path / "d.safetensors")
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0x40  # the last tensor's bytes: still a readable safetensors file
+    bad = tmp_path / "flipped.safetensors"
+    bad.write_bytes(bytes(data))
+    with pytest.raises(DeltaFormatError, match="does not match the checksum"):
+        SparseDelta.load(bad)
+    SparseDelta.load(path)  # the intact file loads
+    with pytest.raises(DeltaFormatError, match="is a folder, not a delta file"):
+        SparseDelta.load(tmp_path)
+
 # -- fingerprint ------------------------------------------------------------------------------------
 def test_fingerprint_matches_same_model_in_other_dtypes():
     model = make_tiny_model("llama")
@@ -274,7 +305,7 @@ def test_scaled_factors_and_multipliers():
     assert torch.equal(d.edits[0].U, _delta().edits[0].U) and "strength" not in d.metadata
     assert half.scaled(0.5).metadata["strength"] == 0.25
     assert half.metadata["method"] == "test"
-    fp = {"model": "x"}
+    fp = {"config_sha256": "x", "config": {}, "modules": {}}
     assert _delta(fingerprint=fp).scaled(2.0).fingerprint == fp
 
 

@@ -503,6 +503,28 @@ def test_fp16_overflow_is_refused_before_patching():
     assert_state_equal(model, snap) and not patched_modules(model)
 
 
+
+@pytest.mark.parametrize("side", ["up", "down"])
+def test_a_product_out_of_range_is_refused_though_each_factor_is_finite(side):
+    """U and V at 1e30 are finite in fp32, their product is not: refused before anything is
+    patched. Large but representable factors pass (the bound is only a shortcut)."""
+    from edit_runtime.patch import check_patch
+
+    model = make_tiny_model("llama")
+    edit = random_edit(model, LAYER, side)
+    huge = ModuleEdit(edit.module, edit.side, edit.neurons, U=torch.full_like(edit.U, 1e30),
+                      V=torch.full_like(edit.V, 1e30))
+    snap = state_snapshot(model)
+    with pytest.raises(DeltaError, match="U @ V overflows the module's torch.float32"):
+        patch_model(model, SparseDelta([huge]))
+    assert_state_equal(model, snap) and not patched_modules(model)
+    # the bound (row norm x column norm, 4.5e38) is past fp32's range, every entry of U @ V (0) is not
+    U = torch.zeros_like(edit.U)
+    V = torch.zeros_like(edit.V)
+    U[0, 0], U[0, 1], V[0, 0], V[1, 0] = 1.5e19, 1.5e19, 1.5e19, -1.5e19
+    check_patch(model, SparseDelta([ModuleEdit(edit.module, edit.side, edit.neurons, U=U, V=V)]))
+
+
 # -- CPU fast path (EditedLinear.forward for additive side-out edits on CPU fp32/fp64) -------------------
 def _lin_holder(d_in=24, d_out=40, *, bias=True, dtype=torch.float32, seed=0):
     """A module whose child ``lin`` is a random nn.Linear (a one-layer "model" to patch)."""
