@@ -470,6 +470,18 @@ ERROR_CASES = [
     ("/v1/completions", {"model": BASE, "prompt": [1, 2, 10**9]}, 400, "prompt", "invalid_value"),
     ("/v1/completions", {"model": BASE, "prompt": "Hi", "echo": True}, 400, "echo", "invalid_value"),
     ("/v1/completions", {"model": BASE, "prompt": "Hi", "max_tokens": "many"}, 400, "max_tokens", "invalid_value"),
+    # strict types, as a strict OpenAI client sends them: no "5" for 5, no "yes" for true
+    ("/v1/completions", {"model": BASE, "prompt": "Hi", "max_tokens": "5"}, 400, "max_tokens", "invalid_value"),
+    ("/v1/completions", {"model": BASE, "prompt": "Hi", "stream": "yes"}, 400, "stream", "invalid_value"),
+    ("/v1/completions", b'{"model": "%s", "prompt": "Hi", "temperature": NaN}' % BASE.encode(), 400,
+     "temperature", "invalid_value"),
+    ("/v1/completions", {"model": BASE, "prompt": "Hi", "temperature": 1, "seed": 184467440737095516150}, 400,
+     "seed", "invalid_value"),
+    ("/v1/chat/completions", {"model": BASE, "messages": [{"role": "user", "content": 5}]}, 400,
+     "messages.0.content", "invalid_value"),
+    ("/v1/chat/completions", {"model": BASE, "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}]}, 400, "messages.0.content.0.type",
+     "invalid_value"),
     ("/v1/nothing", {}, 404, None, "not_found"),
 ]
 
@@ -484,6 +496,9 @@ def test_http_errors_are_openai_shaped(client):
         err = r.json()["error"]
         assert set(err) == {"message", "type", "param", "code"} and err["message"], err
         assert (err["param"], err["code"]) == (param, code), (body, err)
+    image = client.post("/v1/chat/completions", json={"model": BASE, "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}]}).json()["error"]["message"]
+    assert "only text content parts are supported, got a 'image_url' part" in image
     assert client.get("/v1/chat/completions").status_code == 405
     stats = client.engine.stats()
     assert stats["requests"]["submitted"] == 0 and stats["running"]  # nothing reached the model
@@ -561,9 +576,23 @@ def test_cli_serve_gate_errors_before_loading(tmp_path, capsys):
     base = ["serve", "--model", str(tmp_path / "no-such-model"), "--delta", f"safety={delta}"]
     for extra, message in ((["--gate", f"other={gate}"], "--gate for unknown deltas ['other']"),
                            (["--gate", f"safety={gate}", "--merged"], "cannot be gated per request"),
-                           (["--gate", f"safety={delta}"], "is not a probe gate file")):
+                           (["--gate", f"safety={delta}"], "is not a probe gate file"),
+                           (["--served-model-name", "a+b"], "--served-model-name must be non-empty and without '+'")):
         assert main(base + extra) == 2
         assert message in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:  # argparse: usage error, exit 2
+        main(base + ["--port", "99999"])
+    assert exit_.value.code == 2 and "a TCP port is 1-65535, got 99999" in capsys.readouterr().err
+
+
+def test_max_model_len_past_trained_positions_is_refused_unless_allowed(setup, make_engine):
+    model = setup[0]
+    positions = model.config.max_position_embeddings
+    with pytest.raises(ValueError, match=f"exceeds the model's max_position_embeddings {positions}"):
+        make_engine(start=False, max_model_len=positions + 1)
+    assert not patched_modules(model)
+    eng = make_engine(start=False, max_model_len=positions + 1, allow_long_max_model_len=True)
+    assert eng.max_model_len == positions + 1
 
 
 def _tiny_like_smollm2():

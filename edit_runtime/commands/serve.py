@@ -27,6 +27,16 @@ def _delta_spec(text: str) -> tuple[str, str]:
     return name, path
 
 
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a TCP port number, got {text!r}") from None
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"a TCP port is 1-65535, got {value}")
+    return value
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     """Adds the ``serve`` sub-command."""
     p = sub.add_parser("serve", help="OpenAI-compatible server (chat/completions, streaming) with per-request edits",
@@ -41,11 +51,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--served-model-name", default=None,
                    help="name of the base model in requests (default: the model's short name)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
-    p.add_argument("--port", type=int, default=8000, help="TCP port to listen on")
+    p.add_argument("--port", type=_port, default=8000, help="TCP port to listen on (1-65535)")
     p.add_argument("--max-batch-size", type=positive_int, default=8, help="sequences decoded together")
     p.add_argument("--max-queue", type=positive_int, default=64, help="waiting requests before 503 queue_full")
     p.add_argument("--max-model-len", type=positive_int, default=None,
                    help="prompt + completion tokens (default: the model's max_position_embeddings)")
+    p.add_argument("--allow-long-max-model-len", action="store_true",
+                   help="accept a --max-model-len past the model's max_position_embeddings (untrained positions)")
     p.add_argument("--max-tokens-limit", type=positive_int, default=2048, help="largest max_tokens a request may ask")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
                    help="dtype the model is loaded in")
@@ -82,6 +94,9 @@ def run(args: argparse.Namespace) -> int:
     gate_paths = gates_by_delta(args.gate, names)
     if args.merged and gate_paths:
         raise ValueError("--merged folds the edit into the weights: it cannot be gated per request")
+    if args.served_model_name is not None and ("+" in args.served_model_name or not args.served_model_name.strip()):
+        raise ValueError(f"--served-model-name must be non-empty and without '+' (it separates the model from a "
+                         f"delta name in requests), got {args.served_model_name!r}")
     # fail fast, before the model loads
     deltas = {name: SparseDelta.load(path) for name, path in args.delta}
     gates = {name: ProbeGate.load(path) for name, path in gate_paths.items()}
@@ -90,7 +105,8 @@ def run(args: argparse.Namespace) -> int:
         model, tokenizer, deltas,
         config=EngineConfig(max_batch_size=args.max_batch_size, max_queue=args.max_queue,
                             max_model_len=args.max_model_len, max_tokens_limit=args.max_tokens_limit,
-                            merged=args.merged, check_fingerprint=not args.no_check_fingerprint),
+                            merged=args.merged, check_fingerprint=not args.no_check_fingerprint,
+                            allow_long_max_model_len=args.allow_long_max_model_len),
         served_name=args.served_model_name, model_name_or_path=args.model, gates=gates,
     )
     app = create_app(engine, manage_engine=True)

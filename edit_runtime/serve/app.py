@@ -27,10 +27,11 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import threading
 import time
 import uuid
-from typing import Any, AsyncIterator, Callable
+from typing import Any, AsyncIterator, Callable, Mapping
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -72,6 +73,8 @@ __all__ = ["create_app", "HTTPMetrics", "render_prometheus"]
 
 _ROUTES = ("/v1/models", "/v1/chat/completions", "/v1/completions", "/health", "/metrics")
 _DISCONNECT_POLL_S = 0.25
+#: a location element that names a union member's type, not a field
+_UNION_TAG = re.compile(r"^(str|int|float|bool|none|list|dict)$|[\[\]()]")
 
 
 # ---------------------------------------------------------------------------------------- metrics
@@ -228,12 +231,21 @@ def _failure_response(error: BaseException, request_id: str) -> JSONResponse:
                                    "server_error", None, "internal_error"), status_code=500)
 
 
+def _field_path(error: Mapping[str, Any]) -> list[str]:
+    """An error's location as the request's field path: without FastAPI's "body" and without the
+    member tags pydantic adds inside a union (``content.str``, ``content.list[ContentPart]``)."""
+    loc = [str(x) for x in error.get("loc", ()) if x != "body"]
+    return [x for x in loc if not _UNION_TAG.search(x)]
+
+
 def _validation_error(exc: ValidationError | RequestValidationError) -> RequestError:
     errors = exc.errors()
     first = errors[0] if errors else {"loc": (), "msg": str(exc), "type": ""}
-    loc = [str(x) for x in first.get("loc", ()) if x != "body"]
-    # For a union (str | list[...]) pydantic appends the member type to the location; keep the field path.
-    loc = [x for x in loc if not any(ch in x for ch in "[]()")]
+    # A union reports one error per member; of those about the first field, the deepest is about
+    # the member the value was meant for (an image part: its "type", not "not a string").
+    same = [e for e in errors if _field_path(e)[:1] == _field_path(first)[:1]]
+    first = max(same, key=lambda e: len(_field_path(e)), default=first)
+    loc = _field_path(first)
     param = ".".join(loc) or None
     msg = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
     if first.get("type") == "missing":

@@ -200,11 +200,13 @@ class EngineConfig:
     max_batch_size: most sequences decoded together (one forward per step).
     max_queue: most requests waiting for a slot; more raise :class:`QueueFullError`.
     max_model_len: prompt + completion tokens per sequence (default: the model's
-        ``max_position_embeddings``, else 4096).
+        ``max_position_embeddings``, else 4096). More than ``max_position_embeddings`` is refused
+        unless ``allow_long_max_model_len``.
     max_tokens_limit: largest ``max_tokens`` a request may ask for.
     merged: fold the only delta into the weights (the base model is then not served).
     check_fingerprint: refuse deltas fitted on another model.
     max_prefill_tokens: most padded tokens (rows x longest prompt) in one prefill forward.
+    allow_long_max_model_len: accept a ``max_model_len`` past the model's trained positions.
     """
 
     max_batch_size: int = 8
@@ -214,6 +216,7 @@ class EngineConfig:
     merged: bool = False
     check_fingerprint: bool = True
     max_prefill_tokens: int = 8192
+    allow_long_max_model_len: bool = False
 
     def validate(self) -> None:
         for name in ("max_batch_size", "max_queue", "max_tokens_limit", "max_prefill_tokens"):
@@ -476,7 +479,14 @@ class ServingEngine:
         _check_attention(model)
 
         mcfg = getattr(model, "config", None)
-        limit = self.config.max_model_len or getattr(mcfg, "max_position_embeddings", None) or 4096
+        positions = getattr(mcfg, "max_position_embeddings", None)
+        if self.config.max_model_len is not None and positions and self.config.max_model_len > positions \
+                and not self.config.allow_long_max_model_len:
+            raise ValueError(f"max_model_len {self.config.max_model_len} exceeds the model's max_position_embeddings "
+                             f"{positions}: positions past it were never trained and generations degrade; lower it, "
+                             "or allow it explicitly (EngineConfig.allow_long_max_model_len, "
+                             "--allow-long-max-model-len)")
+        limit = self.config.max_model_len or positions or 4096
         self.max_model_len = int(limit)
         self.max_tokens_limit = int(self.config.max_tokens_limit)
         self.device = next(model.parameters()).device

@@ -58,16 +58,28 @@ def error_body(message: str, type: str = "invalid_request_error", param: str | N
 
 
 # --------------------------------------------------------------------------------------- requests
+#: the request models' config: unknown fields ignored (clients send many), but no coercion: a
+#: strict OpenAI client gets a 400 for "5" as max_tokens or "yes" as stream, and so does this server
+_REQUEST_CONFIG = ConfigDict(extra="ignore", strict=True, allow_inf_nan=False)
+
+
 class ContentPart(BaseModel):
     """A part of a message's content; only text parts are supported."""
 
-    model_config = ConfigDict(extra="ignore")
-    type: Literal["text"]
-    text: str
+    model_config = _REQUEST_CONFIG
+    type: str
+    text: str = ""
+
+    @field_validator("type")
+    @classmethod
+    def _text_only(cls, v: str) -> str:
+        if v != "text":
+            raise ValueError(f"only text content parts are supported, got a {v!r} part")
+        return v
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = _REQUEST_CONFIG
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
@@ -86,14 +98,14 @@ class ChatMessage(BaseModel):
 
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = _REQUEST_CONFIG
     include_usage: bool = False
 
 
 class _GenerationFields(BaseModel):
     """Fields shared by chat and text completions."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = _REQUEST_CONFIG
 
     model: str = Field(min_length=1)
     max_tokens: int | None = Field(default=None, ge=1)
@@ -103,7 +115,7 @@ class _GenerationFields(BaseModel):
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=-(2 ** 63), le=2 ** 64 - 1)  # torch.Generator's range
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
