@@ -412,12 +412,16 @@ def evaluate(model: Any, tokenizer: Any, prompts: Sequence[Any], *,
     from edit_runtime.data import SPLIT_BOUNDS, SPLIT_SALT
     from edit_runtime.delta import DeltaError
     from edit_runtime.gate import GatedDelta, GateError, attach_gate
-    from edit_runtime.generation import check_positive_int, generate_to_jsonl
+    from edit_runtime.generation import check_positive_int, check_resumable, generate_to_jsonl
     from edit_runtime.patch import PatchError, check_patch, patch_model
 
     prompts = list(prompts)
     if not prompts:
         raise ValueError("evaluate: no prompts")
+    odd = next((p for p in prompts if not all(hasattr(p, a) for a in ("id", "lang", "text"))), None)
+    if odd is not None:
+        raise TypeError(f"evaluate: prompts must be edit_runtime.data.Prompt records (id, lang, text; "
+                        f"see load_prompts), got {type(odd).__name__}: {odd!r:.60}")
     if max_new_tokens is not None and (isinstance(max_new_tokens, bool)
                                        or not isinstance(max_new_tokens, int) or max_new_tokens < 1):
         raise ValueError(f"max_new_tokens must be a positive int or None, got {max_new_tokens!r}")
@@ -485,6 +489,16 @@ def evaluate(model: Any, tokenizer: Any, prompts: Sequence[Any], *,
     seeds = {"bootstrap_seed": seed, "n_boot": n_boot, "alpha": 0.05, "split_salt": SPLIT_SALT,
              "split_bounds": list(SPLIT_BOUNDS), "decoding": "greedy (deterministic, no sampling)"}
 
+    # settings each variant's responses are generated (and resumed) under; every result file is
+    # checked before anything is generated, so a changed delta under an old name fails at once
+    extras: dict[str, dict[str, Any]] = {}
+    for vname, (_, desc) in loaded.items():
+        extras[vname] = {"model": name, "delta": None if desc is None else desc["digest"]}
+        if desc is not None and "gate" in desc:  # a resumed file must come from the same gate
+            extras[vname]["gate"] = {k: desc["gate"][k] for k in ("layer", "threshold", "bias", "weight_sha256")}
+        check_resumable(prompts, out / "generations" / f"{vname}.jsonl", max_new_tokens=budgets,
+                        system_prompt=system_prompt, variant=vname, extra=extras[vname])
+
     results: dict[str, VariantResult] = {}
     for vname, (delta, desc) in loaded.items():
         log.info("evaluating variant %r (%s)", vname, "base model" if delta is None else desc["digest"][:12])
@@ -501,9 +515,7 @@ def evaluate(model: Any, tokenizer: Any, prompts: Sequence[Any], *,
         elif delta is not None:
             handle = patch_model(model, delta, check_fingerprint=check_fingerprint)
         try:
-            extra = {"model": name, "delta": None if desc is None else desc["digest"]}
-            if desc is not None and "gate" in desc:  # a resumed file must come from the same gate
-                extra["gate"] = {k: desc["gate"][k] for k in ("layer", "threshold", "bias", "weight_sha256")}
+            extra = extras[vname]
             recs = generate_to_jsonl(model, tokenizer, prompts, out / "generations" / f"{vname}.jsonl",
                                      max_new_tokens=budgets, batch_size=batch_size,
                                      system_prompt=system_prompt, variant=vname, extra=extra,

@@ -380,6 +380,67 @@ def _settings(system_prompt: str | None, extra: Mapping[str, Any] | None) -> dic
         raise ValueError(f"extra must be JSON-serialisable: {e}") from None
 
 
+def _settings_diff(old: Any, new: Any) -> str:
+    """Where two settings differ, as ``dotted.key: old != new`` for each differing leaf, instead of
+    both dicts whole (a changed delta reads ``extra.delta: 'e2da…' != 'f6fd…'``)."""
+    def flat(d: Any, prefix: str = "") -> dict[str, Any]:
+        if not isinstance(d, dict):
+            return {prefix or "settings": d}
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        return out
+
+    a, b = flat(old), flat(new)
+    return ", ".join(f"{k}: {a.get(k)!r} != {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k))
+
+
+def _resumed(records: list[dict], prompts: Sequence[Any], keys: list[tuple[str, str]], budgets: list[int],
+             settings: dict, variant: str, path: Path) -> dict[int, dict]:
+    """``{prompt index: record}`` of the prompts the file already answers; raises ``ValueError``
+    when a record for one of them was generated with another text, budget or settings."""
+    existing: dict[tuple[str, str], dict] = {}
+    for rec in records:
+        if rec.get("variant") == variant:
+            existing[(str(rec.get("id")), str(rec.get("lang")))] = rec
+    done: dict[int, dict] = {}
+    for i, (p, key) in enumerate(zip(prompts, keys)):
+        rec = existing.get(key)
+        if rec is None:
+            continue
+        problems = []
+        if rec.get("prompt") != p.text:
+            problems.append("the prompt text differs")
+        if rec.get("max_new_tokens") != budgets[i]:
+            problems.append(f"max_new_tokens {rec.get('max_new_tokens')} != {budgets[i]}")
+        if rec.get("settings") != settings:
+            problems.append(f"settings differ (the file's != now): {_settings_diff(rec.get('settings'), settings)}")
+        if problems:
+            raise ValueError(
+                f"{path} already holds {key} of variant {variant!r} generated differently: "
+                f"{'; '.join(problems)}. Write to a new file (or delete this one) to generate "
+                "with the new settings")
+        done[i] = rec
+    return done
+
+
+def check_resumable(prompts: Sequence[Any], path: str | os.PathLike, *,
+                    max_new_tokens: int | Sequence[int] | None = None, system_prompt: str | None = None,
+                    variant: str = "base", extra: Mapping[str, Any] | None = None) -> int:
+    """The check :func:`generate_to_jsonl` makes before generating, alone: raises the same
+    ``ValueError`` when ``path`` holds one of ``prompts`` generated with another text, budget or
+    settings; returns how many of them it already answers. Lets a job with several result files
+    refuse a stale one before generating anything."""
+    from edit_runtime.judge import min_new_tokens_for
+
+    prompts = list(prompts)
+    budgets = ([int(min_new_tokens_for(p.lang)) for p in prompts] if max_new_tokens is None
+               else _budgets(max_new_tokens, len(prompts)))
+    keys = [(str(p.id), str(p.lang)) for p in prompts]
+    records = _scan(Path(path))[0]
+    return len(_resumed(records, prompts, keys, budgets, _settings(system_prompt, extra), variant, Path(path)))
+
+
 def generate_to_jsonl(model: Any, tokenizer: Any, prompts: Sequence[Any], path: str | os.PathLike,
                       *, max_new_tokens: int | Sequence[int] | None = None, batch_size: int = 8,
                       system_prompt: str | None = None, variant: str = "base",
@@ -426,28 +487,7 @@ def generate_to_jsonl(model: Any, tokenizer: Any, prompts: Sequence[Any], path: 
 
     path = Path(path)
     records, truncate_at, add_newline = _scan(path)
-    existing: dict[tuple[str, str], dict] = {}
-    for rec in records:
-        if rec.get("variant") == variant:
-            existing[(str(rec.get("id")), str(rec.get("lang")))] = rec
-    done: dict[int, dict] = {}
-    for i, (p, key) in enumerate(zip(prompts, keys)):
-        rec = existing.get(key)
-        if rec is None:
-            continue
-        problems = []
-        if rec.get("prompt") != p.text:
-            problems.append("the prompt text differs")
-        if rec.get("max_new_tokens") != budgets[i]:
-            problems.append(f"max_new_tokens {rec.get('max_new_tokens')} != {budgets[i]}")
-        if rec.get("settings") != settings:
-            problems.append(f"settings {rec.get('settings')} != {settings}")
-        if problems:
-            raise ValueError(
-                f"{path} already holds {key} of variant {variant!r} generated differently: "
-                f"{'; '.join(problems)}. Write to a new file (or delete this one) to generate "
-                "with the new settings")
-        done[i] = rec
+    done = _resumed(records, prompts, keys, budgets, settings, variant, path)
     todo = [i for i in range(len(prompts)) if i not in done]
     if done:
         log.info("%s: %d of %d responses of %r already there, generating %d", path, len(done),

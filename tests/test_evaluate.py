@@ -149,6 +149,8 @@ def test_bad_variants_fail_before_generating(tiny, tok, tmp_path):
                  out_dir=tmp_path, progress=False)
     with pytest.raises(ValueError, match="no prompts"):
         evaluate(tiny, tok, [], out_dir=tmp_path, progress=False)
+    with pytest.raises(TypeError, match="prompts must be edit_runtime.data.Prompt records .* got str: 'How do I"):
+        evaluate(tiny, tok, ["How do I pick a lock?"], out_dir=tmp_path, progress=False)
     assert not (tmp_path / "generations").exists()
 
 
@@ -309,6 +311,15 @@ def test_over_refusal_responses_are_kept_and_reused(tiny, tok, tmp_path, monkeyp
     for name in ("base", "d"):
         assert again.variants[name].utility["over_refusal"] == first.variants[name].utility["over_refusal"]
     monkeypatch.undo()
+    # a changed delta under the same name: refused before the base model generates anything, naming
+    # the setting that changed rather than printing both settings whole
+    base_file = (tmp_path / "generations" / "base.jsonl").read_bytes()
+    (tmp_path / "generations" / "base.jsonl").unlink()
+    with pytest.raises(ValueError, match=r"generations/d\.jsonl already holds .* settings differ \(the file's != "
+                                         r"now\): extra\.delta: '[0-9a-f]+' != '[0-9a-f]+'\. Write to a new file"):
+        evaluate(tiny, tok, _prompts()[:1], variants={"base": None, "d": _delta(tiny, seed=1)}, **kw)
+    assert not (tmp_path / "generations" / "base.jsonl").exists(), "the base model generated first"
+    (tmp_path / "generations" / "base.jsonl").write_bytes(base_file)
     (tmp_path / "generations" / "d.jsonl").unlink()  # so that the harmful file does not stop it first
     with pytest.raises(ValueError, match=r"over_refusal/d\.jsonl already holds .* settings"):
         evaluate(tiny, tok, _prompts()[:1], variants={"d": _delta(tiny, seed=1)}, **kw)

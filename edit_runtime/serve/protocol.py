@@ -125,7 +125,7 @@ class _GenerationFields(BaseModel):
     @classmethod
     def _only_one(cls, v: int | None) -> int | None:
         if v is not None and v != 1:
-            raise ValueError(f"only n=1 is supported, got n={v}")
+            raise ValueError("only n=1 is supported")
         return v
 
     @field_validator("stop")
@@ -235,7 +235,7 @@ class CompletionRequest(_GenerationFields):
     @classmethod
     def _no_best_of(cls, v: int | None) -> int | None:
         if v is not None and v != 1:
-            raise ValueError(f"only best_of=1 is supported, got {v}")
+            raise ValueError("only best_of=1 is supported")
         return v
 
     @field_validator("suffix")
