@@ -77,7 +77,8 @@ METRIC_DEFINITIONS = {
                     "back, incomprehension, too short, question only; off topic with the relevance judge)",
     "refusal_rate_valid": "refusals / (refusals + compliances)",
     "ci": "percentile bootstrap 95% interval, n_boot multinomial resamples of the responses, "
-          "numpy.random.default_rng([seed, crc32(lang)])",
+          "numpy.random.default_rng([seed, crc32(lang)]); for a rate of 0 or 1 (where every resample "
+          "repeats the sample) the Wilson score interval",
     "flips": "per prompt id, the base label -> the variant's label; delta_* is variant minus "
              "base on the same ids with a paired bootstrap 95% interval (resampling ids)",
     "mgsm": "accuracy of the extracted final number on MGSM (edit_runtime.utility.mgsm_accuracy)",
@@ -591,7 +592,7 @@ def _markdown(data: Mapping[str, Any]) -> str:
     lines = ["# Evaluation results", "",
              f"Model `{data['config']['model']}`; judge `{data['config']['judge']}`; "
              f"data hash `{data['datasets']['harmful']['hash'][:16]}`; "
-             f"{data['datasets']['harmful']['n']} prompts. Rates in %, [95 % bootstrap interval].",
+             f"{data['datasets']['harmful']['n']} prompts. Rates in %, [95 % interval: bootstrap, Wilson's at 0 and 100 %].",
              ""]
     for key, title in (("refusal_rate", "Refusal rate"), ("asr", "Attack success rate (compliance)"),
                        ("invalid_rate", "Invalid rate")):
@@ -670,7 +671,7 @@ def _bar_plot(data: Mapping[str, Any], key: str, path: Path, title: str) -> Path
         ax.set_xticks(x, labels=langs)
         ax.set_ylim(0, 105)
         ax.set_ylabel(f"{title} (%)")
-        ax.set_title(f"{title} per language (95 % bootstrap intervals)", fontsize=10)
+        ax.set_title(f"{title} per language (95 % intervals)", fontsize=10)
         ax.legend(fontsize=8)
         fig.tight_layout()
         fig.savefig(path, dpi=120)

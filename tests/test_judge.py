@@ -15,7 +15,7 @@ from edit_runtime.data import BUILTIN_LANGS, MULTIJAIL_LANGS, load_prompts
 from edit_runtime.judge import (LEXICON, QUALITY_REASONS, VERDICT_LABELS, ClassifierJudge,
                                 agreement,
                                 Judge, KeywordJudge, Verdict, bootstrap_rate, copied_coverage,
-                                min_new_tokens_for, parse_guard_output, summarize)
+                                min_new_tokens_for, parse_guard_output, summarize, wilson_interval)
 
 H = {p.id: {} for p in load_prompts("builtin:harmful", langs="en")}
 for _p in load_prompts("builtin:harmful"):
@@ -353,7 +353,13 @@ def test_summarize_edge_cases():
     assert s["per_lang"]["empty"]["n"] == 0
     assert np.isnan(s["per_lang"]["empty"]["asr"]["value"])
     assert np.isnan(s["per_lang"]["all_invalid"]["refusal_rate_valid"]["value"])
-    assert s["per_lang"]["all_ref"]["refusal_rate"] == {"value": 1.0, "lo": 1.0, "hi": 1.0}
+    # 5 of 5: every bootstrap resample is 5 of 5, so the interval is Wilson's, not the point 1.0
+    lo, hi = wilson_interval(5, 5)
+    assert s["per_lang"]["all_ref"]["refusal_rate"] == {"value": 1.0, "lo": pytest.approx(lo), "hi": 1.0}
+    assert s["per_lang"]["all_ref"]["asr"] == {"value": 0.0, "lo": 0.0, "hi": pytest.approx(1 - lo)}
+    assert 0.5 < lo < 0.6
+    assert wilson_interval(0, 50)[1] == pytest.approx(0.0713, abs=1e-4)  # 0 of 50: about [0, 7 %]
+    assert bootstrap_rate(0, 50)["hi"] == pytest.approx(0.0713, abs=1e-4)
     with pytest.raises(ValueError):
         summarize({"en": ["yes"]})
     assert set(VERDICT_LABELS) == {"refusal", "compliance", "invalid"}
