@@ -76,7 +76,53 @@ MODES = ("joint", "separate")
 
 @dataclass
 class FitConfig:
-    """Every choice of the fit, with its default and why."""
+    """Every choice of the fit, with its default and why.
+
+    Each field's one-line help also sits in its ``field(metadata={"help": ...})``.
+
+    Attributes:
+        layers: decoder layers to edit (required, at least one; stored sorted and deduplicated).
+        low_langs: languages whose harmful prompts are mapped onto the anchor's (required, at
+            least one; the anchor may not be among them).
+        anchor_lang: the language whose safety response is the target. Default ``"en"``.
+        rank: rank r of each layer's edit (SWE: 8-16 is enough). Default 16.
+        gamma: weight γ of the harmless-utility term (SWE: 1-100). Default 1.0.
+        lam: ridge λ; ``None`` (default) = ``lam_rel`` · trace/d, scale-aware
+            (:func:`edit_runtime.solver.default_lam`).
+        lam_rel: relative ridge, used when ``lam`` is ``None``; ``None`` (default) = the solver's
+            default 1e-2.
+        constraint: ``"soft"`` (default, SWE γ term) or ``"hard"`` (restrict the edit to the null
+            space of the harmless statistics).
+        null_rel: ``"hard"`` constraint only: eigenvalue threshold as a fraction of λ_max;
+            ``None`` (default) = the solver's default.
+        target: edited rows: ``"up"`` (default, SWE), ``"gate"`` or ``"both"`` (one joint solve
+            sharing ``V``).
+        neuron_activation: activation the neurons are chosen on: ``"up"`` (default), ``"gate"``,
+            ``"h"`` or ``"up_or_gate"``.
+        z_threshold: SWE z-score threshold. Default 2.0.
+        d_threshold: SWE Cohen's d threshold. Default 1.0.
+        max_neurons: cap |S| by z-score; ``None`` (default) = all.
+        position: ``"last"`` (default) prompt token or ``"mean"`` over prompt tokens.
+        system_prompt: system prompt for the chat template; default ``None``.
+        batch_size: prompts (pass 1) or ids (pass 2) per forward. Default 8.
+        mode: ``"joint"`` (default: compose the layers into one delta) or ``"separate"`` (fit
+            each alone and keep the best by gap closed, held-out where given).
+        cache_dir: statistics cache folder; ``None`` (default) = no cache.
+        one_pass: forward each harmful prompt once, keeping the full XᵀY (sliced to S afterwards)
+            for the layers whose inputs no earlier edit changes (joint: the first layer;
+            separate: all). ``None`` (default) = when given neurons or when the full XᵀY fits
+            ``one_pass_max_bytes``; ``True`` = regardless of the size; ``False`` = the two passes.
+        one_pass_max_bytes: size limit of the full XᵀY kept by the single pass, all its layers
+            together (Qwen2.5-0.5B, 9 languages, ``"up"``: 314 MB per layer). Default 1 GiB
+            (``1 << 30``); must be >= 0.
+        prefix_reuse: forward the chat template's shared prefix once and reuse its KV cache.
+            Default ``True``.
+
+    Raises:
+        ValueError: ``layers`` or ``low_langs`` is empty; ``anchor_lang`` is among
+            ``low_langs``; ``target`` or ``mode`` is not one of its values;
+            ``one_pass_max_bytes`` < 0; or ``max_neurons`` < 1.
+    """
 
     layers: Sequence[int] = field(default_factory=list, metadata={"help": "decoder layers to edit"})
     low_langs: Sequence[str] = field(
@@ -130,7 +176,20 @@ class FitConfig:
 
 @dataclass
 class LayerReport:
-    """What the fit of one layer saw and achieved."""
+    """What the fit of one layer saw and achieved.
+
+    Attributes:
+        layer: the decoder layer.
+        num_neurons: number of edited rows: |S| for :func:`fit`, ``d_model`` (every output row of
+            ``down_proj``) for :func:`edit_runtime.residual_fit.fit_residual`.
+        rank: the edit's rank after the solver's clamping (at most the requested one).
+        lam: the ridge λ the solve used (the scale-aware default when none was given).
+        gap_closed_train: share of the safety gap closed on the training statistics,
+            ``1 - ‖XΔW - D‖² / ‖D‖²``; ``None`` when ``‖D‖²`` is 0.
+        gap_closed_heldout: the same on the held-out prompts; ``None`` without them (always for
+            the residual fit).
+        solve: the solver's scalar diagnostics (:meth:`edit_runtime.solver.SolveResult.summary`).
+    """
 
     layer: int
     num_neurons: int
@@ -143,7 +202,20 @@ class LayerReport:
 
 @dataclass
 class FitResult:
-    """The delta plus per-layer reports, the neuron sets and the time each step took."""
+    """The delta plus per-layer reports, the neuron sets and the time each step took.
+
+    Attributes:
+        delta: the fitted :class:`~edit_runtime.delta.SparseDelta`, not applied to the model; its
+            metadata records the method, config (without ``cache_dir``), languages, data hashes,
+            reports and timings, and its fingerprint the edited modules of the base model.
+        layers: one :class:`LayerReport` per fitted layer, in fit order (mode ``"separate"``:
+            every layer's, though the delta holds the best layer only).
+        neurons: ``{layer: (m,) int64}`` edited row indices S per layer (the residual fit:
+            ``arange(d_model)``).
+        seconds: wall time of each step, e.g. ``"pass1_neurons"``, ``"pass2_targets"``,
+            ``"solve"`` (:func:`fit`) or ``"statistics"``, ``"solve"`` (residual fit), and
+            ``"total"``.
+    """
 
     delta: SparseDelta
     layers: list[LayerReport]
@@ -265,7 +337,23 @@ def fit(model: nn.Module, tokenizer: Any, harmful: Sequence[Prompt], harmless: S
         heldout: harmful prompts of held-out ids (e.g. the validation split), used to report
             (and, in mode "separate", rank layers by) the share of the safety gap closed.
         neurons: ``{layer: S}`` to use instead of the anchor's SWE neurons (e.g. SSN's
-            SS-neurons from :mod:`edit_runtime.neurons`); every layer of ``cfg`` needs one.
+            SS-neurons from :mod:`edit_runtime.neurons`); every layer of ``cfg`` needs one. Each
+            ``S`` is anything ``torch.as_tensor`` takes; it is made unique and sorted.
+        progress: show tqdm bars during the statistics passes.
+
+    Harmful prompts of languages other than the anchor and ``low_langs`` are ignored. In mode
+    "joint" the earlier layers' edits are patched in temporarily for the later layers' pass 2
+    and removed again, so the model is returned as it came.
+
+    Returns:
+        A :class:`FitResult`: the delta, one :class:`LayerReport` per fitted layer, the neuron
+        sets and the step timings (also in ``delta.metadata["seconds"]``).
+
+    Raises:
+        ValueError: the anchor or a low language has no harmful prompts; the anchor has no
+            harmless prompts; ``neurons`` misses a layer of ``cfg``; a layer has no safety
+            neurons at the thresholds; or the solver refuses the problem
+            (:func:`edit_runtime.solver.solve`).
     """
     t_start = time.perf_counter()
     seconds: dict[str, float] = {}

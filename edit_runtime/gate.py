@@ -66,7 +66,15 @@ class ProbeGate:
         bias: the probe's intercept.
         threshold: the edit is on for a sequence whose score ``h @ weight + bias`` exceeds it
             (0 is the probe's own boundary; higher is stricter: fewer sequences edited).
-        metadata: JSON-serialisable description (training data, sizes, layer choice).
+        metadata: JSON-serialisable description (training data, sizes, layer choice); default
+            empty.
+
+    The weight is stored as a detached, contiguous float32 CPU tensor, whatever was given.
+
+    Raises:
+        GateError: ``layer`` is not a non-negative int; ``weight`` is not a non-empty 1-D float
+            tensor or has NaN/infinite entries; ``bias`` or ``threshold`` is not a finite number
+            (a bool is refused); ``metadata`` is not JSON-serialisable.
     """
 
     layer: int
@@ -100,22 +108,57 @@ class ProbeGate:
 
     @property
     def d_model(self) -> int:
+        """Width of the hidden states the probe reads (``weight.numel()``)."""
         return self.weight.numel()
 
     def score(self, hidden: torch.Tensor) -> torch.Tensor:
-        """``(..., d_model)`` hidden states -> ``(...,)`` probe scores (float32, on their device)."""
+        """Probe scores ``hidden @ weight + bias`` (compare with :attr:`threshold`).
+
+        Args:
+            hidden: ``(..., d_model)`` hidden states, any float dtype and device (computed in
+                float32; the weight is moved to their device).
+
+        Returns:
+            ``(...,)`` float32 scores on ``hidden``'s device.
+
+        Raises:
+            GateError: the last dimension of ``hidden`` is not :attr:`d_model`.
+        """
         if hidden.shape[-1] != self.d_model:
             raise GateError(f"hidden states have {hidden.shape[-1]} features, the gate expects {self.d_model}")
         w = self.weight.to(hidden.device)
         return hidden.to(torch.float32) @ w + self.bias
 
     def with_threshold(self, threshold: float) -> "ProbeGate":
-        """The same probe with another threshold."""
+        """The same probe with another threshold (e.g. one set on validation scores by
+        :func:`threshold_at_most`); this gate is left unchanged.
+
+        Args:
+            threshold: the new decision threshold (a finite number).
+
+        Returns:
+            A new :class:`ProbeGate` with the same layer, weight and bias and a shallow copy of
+            :attr:`metadata`.
+
+        Raises:
+            GateError: ``threshold`` is not a finite number.
+        """
         return ProbeGate(self.layer, self.weight, self.bias, threshold, dict(self.metadata))
 
     # -- files -------------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
-        """Writes a safetensors file (the weight plus JSON metadata); returns the path."""
+        """Writes the gate as a safetensors file: the ``weight`` tensor plus a string header
+        (format, layer, bias, threshold, JSON metadata) that :meth:`load` reads back exactly.
+
+        The file appears whole or not at all and its parent folder is created
+        (:func:`edit_runtime.files.save_safetensors`).
+
+        Args:
+            path: the file to write (replaced if it exists).
+
+        Returns:
+            ``path`` as a :class:`~pathlib.Path`.
+        """
         from edit_runtime.files import save_safetensors
 
         header = {"format": GATE_FORMAT, "layer": str(self.layer), "bias": repr(self.bias),
@@ -124,7 +167,19 @@ class ProbeGate:
 
     @classmethod
     def load(cls, path: str | Path) -> "ProbeGate":
-        """Reads a file written by :meth:`save`; a file that is not one raises :class:`GateError`."""
+        """Reads a gate file written by :meth:`save`.
+
+        Args:
+            path: the safetensors file.
+
+        Returns:
+            The :class:`ProbeGate` (validated as at construction).
+
+        Raises:
+            GateError: no file at ``path``; its header is not a probe gate's
+                (:data:`GATE_FORMAT`); it holds tensors other than exactly ``weight``; it cannot
+                be read or parsed; or the values it holds are not a valid gate.
+        """
         from safetensors import SafetensorError, safe_open
 
         path = Path(path)
@@ -152,13 +207,30 @@ def fit_probe_gate(harmful: torch.Tensor, harmless: torch.Tensor, layer: int, *,
                    metadata: dict[str, Any] | None = None) -> ProbeGate:
     """Class-balanced L2 logistic regression of harmful (1) vs harmless (0) hidden states.
 
-    Args:
-        harmful: ``(N1, d_model)`` hidden states after ``layer`` at the last prompt token.
-        harmless: ``(N0, d_model)`` the same for harmless prompts.
-        l2: ridge weight on the standardised features (each class weighs one half in the loss).
-
     Fitted in float64 with L-BFGS on standardised features; the standardisation is folded into
     the returned weight and bias, so the gate scores raw hidden states.
+
+    Args:
+        harmful: ``(N1, d_model)`` hidden states after ``layer`` at the last prompt token
+            (e.g. from :func:`last_token_hidden`); anything ``torch.as_tensor`` takes.
+        harmless: ``(N0, d_model)`` the same for harmless prompts.
+        layer: the decoder layer the features were read after; stored in the gate, which reads
+            the same layer when attached.
+        l2: ridge weight on the standardised features (each class weighs one half in the loss).
+        threshold: the returned gate's threshold (0: the probe's own boundary); set it later
+            with :meth:`ProbeGate.with_threshold`.
+        max_iter: L-BFGS iteration limit of the single optimiser step.
+        metadata: extra JSON-serialisable entries for the gate's metadata, added after (and
+            overriding) the recorded ``n_harmful``, ``n_harmless`` and ``l2``.
+
+    Returns:
+        A :class:`ProbeGate` on ``layer`` whose ``(d_model,)`` float32 weight and bias score raw
+        hidden states.
+
+    Raises:
+        GateError: the inputs are not 2-D or differ in width; a class has fewer than 2 rows;
+            the hidden states have NaN/infinite entries; ``l2`` is not a positive finite number;
+            or the result is not a valid gate (e.g. a negative ``layer``).
     """
     harmful, harmless = torch.as_tensor(harmful), torch.as_tensor(harmless)
     if harmful.dim() != 2 or harmless.dim() != 2 or harmful.shape[1] != harmless.shape[1]:
@@ -205,9 +277,24 @@ def _edited_layers(module_paths: Sequence[str], prefix: str) -> list[int]:
 
 
 def check_gate(model: nn.Module, module_paths: Sequence[str], gate: "ProbeGate") -> None:
-    """Raises :class:`GateError` unless ``gate`` can gate an edit of ``module_paths`` on ``model``:
-    the hidden size is the gate's, the gate layer exists and comes before every edited layer.
-    Hooks nothing; :func:`attach_gate` runs the same checks."""
+    """Checks that ``gate`` can gate an edit of ``module_paths`` on ``model``: the hidden size is
+    the gate's, the gate layer exists and comes before every edited layer (the decision must be
+    taken before the edit runs). Hooks nothing; :func:`attach_gate` runs the same checks.
+
+    Args:
+        model: the model the edit is (or will be) patched into.
+        module_paths: dotted paths of the edited modules (e.g. ``handle.modules`` or
+            ``[e.module for e in delta.edits]``), each inside the decoder layers.
+        gate: the gate to check.
+
+    Raises:
+        GateError: the model's ``config.hidden_size`` (where it has one) is not
+            ``gate.d_model``; the gate layer does not exist; an edited module is outside the
+            decoder layers; ``module_paths`` is empty; or an edited layer is at or before the
+            gate layer.
+        ArchError: the model has no decoder-layer list
+            (:func:`edit_runtime.arch.find_decoder_layers`).
+    """
     prefix, layers = find_decoder_layers(model)
     hidden = getattr(getattr(model, "config", None), "hidden_size", None)
     if hidden is not None and hidden != gate.d_model:
@@ -230,6 +317,10 @@ class GatedDelta:
     Args:
         delta: the edit (:class:`~edit_runtime.delta.SparseDelta`).
         gate: the :class:`ProbeGate` that turns it on per sequence.
+
+    Raises:
+        TypeError: ``delta`` is not a :class:`~edit_runtime.delta.SparseDelta` or ``gate`` not a
+            :class:`ProbeGate`.
     """
 
     delta: SparseDelta
@@ -243,11 +334,30 @@ class GatedDelta:
 
     @classmethod
     def load(cls, delta_path: str | Path, gate_path: str | Path) -> "GatedDelta":
-        """Reads a delta file and a gate file (:meth:`SparseDelta.load`, :meth:`ProbeGate.load`)."""
+        """Reads a delta file and a gate file (:meth:`SparseDelta.load`, :meth:`ProbeGate.load`).
+
+        Args:
+            delta_path: the delta's safetensors file.
+            gate_path: the gate's safetensors file.
+
+        Returns:
+            The pair as a :class:`GatedDelta` (not checked against a model: see :meth:`check`).
+
+        Raises:
+            DeltaError: the delta file cannot be read (``DeltaFormatError``).
+            GateError: the gate file cannot be read.
+        """
         return cls(SparseDelta.load(delta_path), ProbeGate.load(gate_path))
 
     def check(self, model: nn.Module) -> None:
-        """:func:`check_gate` for this delta's modules on ``model`` (hooks nothing)."""
+        """:func:`check_gate` for this delta's modules on ``model`` (hooks nothing).
+
+        Args:
+            model: the model the delta would be patched into.
+
+        Raises:
+            GateError: the gate cannot gate this delta on ``model`` (see :func:`check_gate`).
+        """
         check_gate(model, [e.module for e in self.delta.edits], self.gate)
 
 
@@ -267,15 +377,29 @@ def _cache_length(kwargs: dict) -> int | None:
 
 class GateHandle:
     """An attached :class:`ProbeGate`; ``remove()`` (or leaving the ``with`` block) detaches it
-    and clears the patch's row mask. ``last_scores`` / ``last_mask`` hold the latest prefill's
-    ``(B,)`` scores and decisions (CPU).
+    and clears the patch's row mask.
 
-    ``allowed``: an optional ``(B,)`` bool mask of the rows the gate may turn the edit on for
-    (ANDed with the probe's decision at the next prefills; ``None``: every row). The server sets
-    it to the rows whose request asked for the edit.
+    Made by :func:`attach_gate`, which checks the pair and registers the hooks; constructing one
+    directly hooks nothing.
+
+    Args:
+        handle: the live patch whose row mask the gate sets (:attr:`handle`).
+        gate: the probe that decides per sequence (:attr:`gate`).
+
+    Attributes:
+        handle: the :class:`~edit_runtime.patch.PatchHandle` being gated.
+        gate: the :class:`ProbeGate` in use.
+        last_scores: the latest prefill's ``(B,)`` float32 probe scores (CPU); ``None`` before
+            the first prefill. Kept after :meth:`remove`.
+        last_mask: the latest prefill's ``(B,)`` bool decisions (CPU), ``allowed`` applied;
+            ``None`` before the first prefill.
+        allowed: an optional ``(B,)`` bool mask of the rows the gate may turn the edit on for
+            (ANDed with the probe's decision at the next prefills; ``None``: every row). The
+            server sets it to the rows whose request asked for the edit. A mask whose shape is
+            not the batch's raises :class:`GateError` in the forward.
     """
 
-    def __init__(self, handle: PatchHandle, gate: ProbeGate):
+    def __init__(self, handle: PatchHandle, gate: ProbeGate) -> None:
         self.handle, self.gate = handle, gate
         self.last_scores: torch.Tensor | None = None
         self.last_mask: torch.Tensor | None = None
@@ -292,9 +416,16 @@ class GateHandle:
 
     @property
     def removed(self) -> bool:
+        """True once the gate's hooks are gone (after :meth:`remove`, or for a handle that was
+        never attached)."""
         return not self._hooks
 
     def remove(self) -> None:
+        """Detaches the gate: removes its hooks, gives up the handle's row mask
+        (``handle.row_mask_owner`` back to ``None`` if it is this gate) and, unless the patch was
+        removed already, clears the mask so that every row is edited again. Leaving the ``with``
+        block calls it; the patch itself stays applied.
+        """
         for h in self._hooks:
             h.remove()
         self._hooks = []
@@ -341,9 +472,25 @@ class GateHandle:
 def attach_gate(handle: PatchHandle, gate: ProbeGate) -> GateHandle:
     """Gates ``handle``'s edit per sequence with ``gate`` (see the module docstring).
 
-    Checked before anything is hooked (:class:`GateError` otherwise): the handle is live, not
-    merged and not gated already, and :func:`check_gate` (hidden size, gate layer exists and comes before every edited
-    layer).
+    Registers a forward pre-hook on the model (it tells a prefill from a decode step and keeps the
+    attention mask) and a forward hook on decoder layer ``gate.layer`` (it scores each row's last
+    real token and sets the handle's row mask), and makes the returned handle the owner of the
+    row mask (``handle.row_mask_owner``). Checked before anything is hooked: the handle is live,
+    not merged and not gated already, and :func:`check_gate` (hidden size, gate layer exists and
+    comes before every edited layer).
+
+    Args:
+        handle: a live, unmerged :class:`~edit_runtime.patch.PatchHandle` from
+            :func:`~edit_runtime.patch.patch_model`.
+        gate: the probe that decides per sequence.
+
+    Returns:
+        The attached :class:`GateHandle`: a context manager, attached until
+        :meth:`GateHandle.remove` or the end of its ``with`` block.
+
+    Raises:
+        GateError: the handle was removed or is merged; it already has a gate; or
+            :func:`check_gate` refuses the pair.
     """
     if handle.removed:
         raise GateError(f"{handle!r} was removed; patch the model again")
@@ -364,7 +511,20 @@ def attach_gate(handle: PatchHandle, gate: ProbeGate) -> GateHandle:
 
 def threshold_at_most(scores: torch.Tensor, rate: float) -> float:
     """The (k+1)-th highest of ``scores`` ``(n,)``, k = ⌊rate · n⌋: a gate with this threshold
-    (on where ``score > threshold``) is on for at most ``rate`` of them (fewer where scores tie)."""
+    (on where ``score > threshold``) is on for at most ``rate`` of them (fewer where scores tie).
+
+    Args:
+        scores: ``(n,)`` probe scores (any shape is flattened), e.g. the validation prompts the
+            gate is not for.
+        rate: the largest fraction of ``scores`` allowed above the threshold, in ``[0, 1)``
+            (0: the highest score, so none is above it).
+
+    Returns:
+        The threshold, one of ``scores`` (as a Python float).
+
+    Raises:
+        GateError: ``scores`` is empty or ``rate`` is outside ``[0, 1)``.
+    """
     scores = torch.as_tensor(scores).flatten().double()
     if not len(scores):
         raise GateError("no scores to set a threshold on")
@@ -375,8 +535,16 @@ def threshold_at_most(scores: torch.Tensor, rate: float) -> float:
 
 
 def mapped_harmful(prompts: Sequence[Any], mapped_langs: Sequence[str]) -> torch.Tensor:
-    """``(n,)`` bool: the prompts a gate for a mapping edit is for, the harmful prompts of
-    ``mapped_langs`` (:func:`fit_mapped_gate`, ``edit-runtime gate --mapped-langs``)."""
+    """The prompts a gate for a mapping edit is for: the harmful prompts of ``mapped_langs``
+    (:func:`fit_mapped_gate`, ``edit-runtime gate --mapped-langs``).
+
+    Args:
+        prompts: ``n`` records with ``label`` and ``lang`` (:class:`edit_runtime.data.Prompt`).
+        mapped_langs: the languages the edit maps onto the anchor.
+
+    Returns:
+        ``(n,)`` bool tensor, True where ``label == "harmful"`` and ``lang`` is mapped.
+    """
     langs = set(mapped_langs)
     return torch.tensor([p.label == "harmful" and p.lang in langs for p in prompts], dtype=torch.bool)
 
@@ -388,16 +556,33 @@ def fit_mapped_gate(model: nn.Module, tokenizer: Any, train: Sequence[Any], vali
     mapped languages. English, held languages and every harmless prompt are the other class, so
     the gate leaves the anchor's own refusals and the harmless prompts to the base model.
 
-    The probe is fitted on ``train``; its threshold puts at most a ``gate_on`` fraction of the
-    other class in ``validation`` above it (:func:`threshold_at_most`). Returns a :class:`edit_runtime.gate.ProbeGate` whose
-    metadata records the two validation on-rates.
+    The probe (:func:`fit_probe_gate`, default ``l2``) is fitted on ``train``'s features; its
+    threshold puts at most a ``gate_on`` fraction of the other class in ``validation`` above it
+    (:func:`threshold_at_most`). Features are :func:`last_token_hidden` with the chat template and
+    no system prompt. The class checks run before any forward.
 
     Args:
-        train, validation: :class:`edit_runtime.data.Prompt` records (``text``, ``lang``,
-            ``label``), harmful and harmless together.
+        model: the causal LM the gate will be attached to (the features are its hidden states).
+        tokenizer: its tokenizer (chat template applied).
+        train: :class:`edit_runtime.data.Prompt` records (``text``, ``lang``, ``label``),
+            harmful and harmless together: the probe's training set.
+        validation: the same kind of records: the threshold's calibration set.
         mapped_langs: the languages the edit maps onto the anchor.
         layer: the decoder layer the probe reads (before every edited layer).
-        gate_on: the fraction of the validation prompts the gate is not for that it may turn on.
+        gate_on: the fraction of the validation prompts the gate is not for that it may turn on,
+            in ``(0, 1)``.
+        batch_size: prompts per forward when reading the features.
+        progress: show a tqdm bar while reading the features.
+
+    Returns:
+        A :class:`ProbeGate` on ``layer`` with the calibrated threshold. Its metadata records
+        what it is for (``for``), the class sizes (``n_train``, ``validation_n``), ``gate_on``
+        and the validation on-rates of both classes (``validation_on``).
+
+    Raises:
+        GateError: ``gate_on`` is not in ``(0, 1)``; ``train`` or ``validation`` lacks either
+            class; ``layer`` is out of range; or the probe cannot be fitted
+            (:func:`fit_probe_gate`, e.g. fewer than 2 prompts in a class).
     """
 
     def features(prompts: Sequence[Any]) -> torch.Tensor:
@@ -431,10 +616,25 @@ def last_token_hidden(model: nn.Module, tokenizer: Any, texts: Sequence[str], la
                       progress: bool = False) -> dict[int, torch.Tensor]:
     """Hidden states after each of ``layers`` at the last prompt token (chat template applied).
 
-    Returns ``{layer: (len(texts), d_model)}`` float32 CPU tensors: the features a gate is fitted
-    on and scores (the decoder layer's raw output, what the gate's hook reads). Prompts are
-    left-padded, so the last position is the last prompt token; the forward stops after the last
-    layer asked for. Batching and padding are the capture's (:mod:`edit_runtime.capture`).
+    These are the features a gate is fitted on and scores: the decoder layer's raw output, what
+    the gate's hook reads. Prompts are sorted by length and left-padded, so the last position is
+    the last prompt token; the forward runs without gradients and stops after the last layer asked
+    for. Batching and padding are the capture's (:mod:`edit_runtime.capture`).
+
+    Args:
+        model: a loaded causal LM (any architecture :mod:`edit_runtime.arch` finds).
+        tokenizer: its tokenizer (chat template applied to each text).
+        texts: the user prompts, ``N`` of them.
+        layers: 0-based decoder layer indices (no negative indices).
+        batch_size: prompts per forward.
+        system_prompt: system prompt for the chat template; ``None``: none.
+        progress: show a tqdm bar over the batches.
+
+    Returns:
+        ``{layer: (N, d_model)}`` float32 CPU tensors, rows in ``texts`` order.
+
+    Raises:
+        GateError: ``layers`` is empty or a layer is out of range.
     """
     from edit_runtime.capture import (_forward_until_stopped, _input_device, _make_batch, _pad_id, _StopForward,
                                       encode_prompts)

@@ -71,7 +71,47 @@ HARMLESS_TARGETS = ("anchor", "self")
 
 @dataclass
 class ResidualFitConfig:
-    """Every choice of the residual fit, with its default and why."""
+    """Every choice of the residual fit, with its default and why.
+
+    Each field's one-line help also sits in its ``field(metadata={"help": ...})``.
+
+    Attributes:
+        layer: decoder layer whose ``down_proj`` is edited (required; Qwen2.5-0.5B: 20 of 24; a
+            negative index counts from the end).
+        low_langs: languages whose harmful prompts are mapped onto the anchor's (required, at
+            least one).
+        anchor_lang: the language whose residual is the target. Default ``"en"``.
+        rank: rank r of the edit. Default 16.
+        gamma: weight γ of the keep term (other prompt positions, the anchor's last tokens).
+            Default 1.0.
+        harmless_weight: weight w of the harmless rows (harmless prompts onto their English
+            version). Default 4.0; Qwen, MultiJail validation: over-refusal 0.33 at w 1, 0.31 at
+            4, 0.27 at 16 (base 0.08), attack success rate about the same.
+        harmless_lang_weights: per-language override of ``harmless_weight``, e.g. ``{"th": 16}``:
+            more weight where harmless requests of one language are pushed towards a refusal.
+            Default empty; the anchor may not appear.
+        hold_langs: languages whose last tokens (harmful and harmless) the edit must leave as
+            they are (target 0): for languages the base model does not comply in, where a pushed
+            refusal only costs over-refusal. Default empty; disjoint from ``low_langs``.
+        hold_weight: weight of each held row (``hold_langs``). Default 1.0.
+        harmless_target: where harmless non-anchor last tokens go: ``"anchor"`` (default, their
+            English version's residual) or ``"self"`` (unchanged, target 0).
+        harmless_hold_ids: harmless ids held in place (target 0) in every language instead of
+            mapped onto the anchor: the ones the anchor itself refuses
+            (:func:`anchor_refused_ids`), whose anchor residual would teach a refusal. Default
+            empty; stored sorted and deduplicated.
+        lam_rel: ridge relative to the mean eigenvalue of A + γC. Default 1e-2.
+        system_prompt: system prompt for the chat template; default ``None``.
+        batch_size: prompts per forward. Default 8.
+        cache_dir: statistics cache folder; ``None`` (default) = no cache.
+
+    Raises:
+        ValueError: ``low_langs`` is empty; the anchor is among ``low_langs`` or ``hold_langs``
+            (or has a ``harmless_lang_weights`` entry); a language is in both ``low_langs`` and
+            ``hold_langs``; ``harmless_target`` is not one of its values; a weight is negative
+            or NaN; or ``batch_size`` < 1.
+        TypeError: ``harmless_hold_ids`` is a single string.
+    """
 
     layer: int = field(metadata={"help": "decoder layer whose down_proj is edited (Qwen2.5-0.5B: 20 of 24)"})
     low_langs: Sequence[str] = field(
@@ -155,6 +195,8 @@ class ResidualStats:
     keep_count: int
 
     def save(self, path: str | Path, meta: dict[str, Any]) -> Path:
+        """Writes the statistics as a safetensors file with ``meta`` (JSON-serialisable, e.g. the
+        cache key's inputs) in its header; returns ``path`` as a :class:`~pathlib.Path`."""
         from edit_runtime.files import save_safetensors
 
         side = {"format": _STATS_FORMAT, "layer": self.layer, "keys": self.keys,
@@ -164,6 +206,8 @@ class ResidualStats:
 
     @classmethod
     def load(cls, path: str | Path) -> tuple["ResidualStats", dict[str, Any]]:
+        """Reads a file written by :meth:`save`: ``(stats, header)``, the header holding the
+        ``meta`` given to :meth:`save`; raises ``ValueError`` for a file of another format."""
         from safetensors import safe_open
 
         with safe_open(str(path), framework="pt") as f:
@@ -428,9 +472,25 @@ def fit_residual(model: nn.Module, tokenizer: Any, harmful: Sequence[Prompt], ha
         harmless: harmless prompts; those with an anchor version of the same id become harmless
             rows (weight ``harmless_weight``), the anchor's join the keep set.
         cfg: :class:`ResidualFitConfig`.
+        progress: show a tqdm bar while the statistics are collected (not when they come from
+            the cache).
 
-    Raises ``ValueError`` when a language has no prompts or no id is parallel; the model is not
-    modified (statistics are read with hooks only).
+    The model is not modified (statistics are read with hooks only). With ``cfg.cache_dir`` the
+    statistics are read from the cache when their file exists and written there otherwise.
+
+    Returns:
+        A :class:`~edit_runtime.fit.FitResult` whose delta edits every output row of the layer's
+        ``down_proj``, with one :class:`~edit_runtime.fit.LayerReport` (no held-out gap),
+        ``neurons`` ``{layer: arange(d_model)}`` and the timings ``"statistics"``, ``"solve"``
+        and ``"total"``.
+
+    Raises:
+        ValueError: the anchor or a low language has no harmful prompts; a hold language has no
+            prompts; a ``harmless_hold_ids`` id matches no harmless prompt; no harmful prompt of
+            ``low_langs`` has an anchor version with the same id; or the solver refuses the
+            problem.
+        ArchError: the model has no gated MLP at ``cfg.layer``
+            (:func:`edit_runtime.arch.find_mlp`).
     """
     t_start = time.perf_counter()
     seconds: dict[str, float] = {}
