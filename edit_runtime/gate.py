@@ -465,7 +465,7 @@ class GateHandle:
             if allowed.shape != decision.shape:
                 raise GateError(f"GateHandle.allowed has shape {tuple(allowed.shape)}, the batch has {B} rows")
             decision = decision & allowed
-        self.handle.set_row_mask(decision)
+        self.handle.set_row_mask(decision, owner=self)
         self.last_scores, self.last_mask = scores.cpu(), decision.cpu()
 
 

@@ -504,15 +504,25 @@ class PatchHandle:
                 self.set_enabled(before)
 
     # -- row mask ----------------------------------------------------------------------------
-    def set_row_mask(self, mask) -> None:
+    def _check_mask_owner(self, owner: Any, what: str) -> None:
+        # a gate re-decides the mask in every forward: a mask written by anyone else would be
+        # silently overwritten, so it is refused instead
+        if self.row_mask_owner is not None and owner is not self.row_mask_owner:
+            raise PatchError(f"cannot {what} the row mask of {self!r}: the attached gate "
+                             f"({self.row_mask_owner!r}) decides it in every forward; remove the gate first")
+
+    def set_row_mask(self, mask, *, owner: Any = None) -> None:
         """Applies the edit only to the sequences (rows of the batch dimension) where mask is True.
 
         ``mask``: (B,) bool or 0/1. Inputs (B, T, in) expand it over T; 2-D inputs (N, in) need
         N == B. A forward whose batch is not B raises ``PatchError``. A mask of the same length
         as the current one is written in place (no recompile under ``torch.compile``).
+        ``owner``: while a gate is attached (:attr:`row_mask_owner`), only it (and code acting for
+        it, passing it as ``owner``) may write the mask; anyone else gets ``PatchError``.
         """
         self._check_alive()
         self._check_not_merged("set a row mask on")
+        self._check_mask_owner(owner, "set")
         mask = _bool_mask(mask)
         for device, switch in self._switches.items():
             with torch.inference_mode(False):  # a normal tensor: later copy_ into it in any mode
@@ -523,9 +533,10 @@ class PatchHandle:
                 switch.row_mask = values
         self._refresh_fast()
 
-    def clear_row_mask(self) -> None:
-        """All rows edited again (subject to ``enabled``)."""
+    def clear_row_mask(self, *, owner: Any = None) -> None:
+        """All rows edited again (subject to ``enabled``); ``owner`` as in :meth:`set_row_mask`."""
         self._check_alive()
+        self._check_mask_owner(owner, "clear")
         for switch in self._switches.values():
             switch.row_mask = None
         self._refresh_fast()

@@ -9,7 +9,7 @@ from delta_helpers import random_delta
 from edit_runtime.delta import ModuleEdit, SparseDelta
 from edit_runtime.gate import (GatedDelta, GateError, ProbeGate, attach_gate, check_gate, fit_mapped_gate,
                                fit_probe_gate, last_token_hidden, threshold_at_most)
-from edit_runtime.patch import patch_model
+from edit_runtime.patch import PatchError, patch_model
 from tiny_models import HIDDEN, make_tiny_model, tiny_input_ids
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -224,7 +224,15 @@ def test_a_second_gate_is_refused_and_the_first_keeps_deciding(model):
         assert (len(model._forward_pre_hooks), len(model.model.layers[GATE_LAYER]._forward_hooks)) == hooks
         _logits(model, ids)
         assert gh.last_mask.tolist() == [True, False, True, False]
+        # a mask written by hand would be overwritten by the gate in the next forward: refused
+        for write in (lambda: handle.set_row_mask([True] * 4), handle.clear_row_mask,
+                      lambda: handle.row_mask_ctx([True] * 4).__enter__()):
+            with pytest.raises(PatchError, match="the attached gate .* decides it in every forward"):
+                write()
+        assert handle.row_mask.tolist() == [1.0, 0.0, 1.0, 0.0]
     assert handle.row_mask_owner is None and handle.row_mask is None
+    handle.set_row_mask([True, False, False, False])  # the gate removed: the handle's own again
+    handle.clear_row_mask()
     with attach_gate(handle, _splitting_gate(model, ids, on=(1,))) as second:
         _logits(model, ids)
         assert second.last_mask.tolist() == [False, True, False, False]

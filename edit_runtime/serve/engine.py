@@ -793,9 +793,9 @@ class ServingEngine:
             elif prefill:
                 # the gate's hook sets (asked AND probe fires) inside the forward, before the edit
                 gh.allowed, gh.last_mask = asked, None
-                handle.set_row_mask([False] * len(rows))
-            else:
-                handle.set_row_mask([a and s.gate_on for a, s in zip(asked, rows)])
+                handle.set_row_mask([False] * len(rows), owner=gh)
+            else:  # decode: the gate's prefill decision, kept per sequence
+                handle.set_row_mask([a and s.gate_on for a, s in zip(asked, rows)], owner=gh)
 
     def _record_gate_decisions(self, seqs: Sequence[_Sequence]) -> None:
         """Stores each gated sequence's prefill decision (reused by every decode step)."""
