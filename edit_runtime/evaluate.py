@@ -646,6 +646,8 @@ def _markdown(data: Mapping[str, Any]) -> str:
 
 
 def _bar_plot(data: Mapping[str, Any], key: str, path: Path, title: str) -> Path:
+    """One bar per variant and language with its 95 % interval; each bar is labelled with its
+    value (so 0 % is told from a missing bar) and each language with its n."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -656,23 +658,29 @@ def _bar_plot(data: Mapping[str, Any], key: str, path: Path, title: str) -> Path
     langs = list(data["langs"])
     x = np.arange(len(langs))
     width = 0.8 / max(1, len(names))
-    fig, ax = plt.subplots(figsize=(max(5.0, 0.9 * len(langs) * max(1, len(names)) / 1.5 + 2), 4.0))
+
+    def pct(v: Any) -> float:
+        return np.nan if v is None else 100 * v
+
+    fig, ax = plt.subplots(figsize=(max(5.5, 0.9 * len(langs) * max(1, len(names)) / 1.5 + 3), 4.2))
     try:
         for k, nm in enumerate(names):
             per = data["variants"][nm]["per_lang"]
-            vals = np.array([np.nan if per[lg][key] is None else 100 * per[lg][key] for lg in langs])
-            lo = np.array([np.nan if per[lg][f"{key}_ci"][0] is None else 100 * per[lg][f"{key}_ci"][0]
-                           for lg in langs])
-            hi = np.array([np.nan if per[lg][f"{key}_ci"][1] is None else 100 * per[lg][f"{key}_ci"][1]
-                           for lg in langs])
+            vals = np.array([pct(per[lg][key]) for lg in langs])
+            lo = np.array([pct(per[lg][f"{key}_ci"][0]) for lg in langs])
+            hi = np.array([pct(per[lg][f"{key}_ci"][1]) for lg in langs])
             err = np.vstack([np.clip(vals - lo, 0, None), np.clip(hi - vals, 0, None)])
-            ax.bar(x + (k - (len(names) - 1) / 2) * width, vals, width, yerr=err, capsize=2,
-                   label=nm)
-        ax.set_xticks(x, labels=langs)
-        ax.set_ylim(0, 105)
+            pos = x + (k - (len(names) - 1) / 2) * width
+            bars = ax.bar(pos, vals, width, yerr=np.nan_to_num(err), capsize=2, label=nm)
+            ax.bar_label(bars, labels=["n/a" if np.isnan(v) else f"{v:.0f}" for v in vals], fontsize=6,
+                         padding=1)
+        counts = [data["variants"][names[0]]["per_lang"][lg]["n"] for lg in langs] if names else []
+        ax.set_xticks(x, labels=[f"{lg}\nn={n}" for lg, n in zip(langs, counts)])
+        ax.set_xlabel("language (n: prompts judged)")
+        ax.set_ylim(0, 112)
         ax.set_ylabel(f"{title} (%)")
         ax.set_title(f"{title} per language (95 % intervals)", fontsize=10)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
         fig.tight_layout()
         fig.savefig(path, dpi=120)
     finally:
@@ -682,6 +690,7 @@ def _bar_plot(data: Mapping[str, Any], key: str, path: Path, title: str) -> Path
 
 def write_report(result: EvalResult, out_dir: str | Path) -> dict[str, Path]:
     """Writes ``results.json``, ``results.md``, ``refusal_by_lang.png``, ``asr_by_lang.png``,
+    ``invalid_by_lang.png``,
     ``judged/<variant>.jsonl`` and (with neuron sets) ``jaccard.json``/``jaccard.png``;
     returns ``{what: path}``."""
     out = Path(out_dir)
@@ -700,6 +709,7 @@ def write_report(result: EvalResult, out_dir: str | Path) -> dict[str, Path]:
                 f.write(json.dumps(r, ensure_ascii=False) + "\n")
     paths["refusal_plot"] = _bar_plot(data, "refusal_rate", out / "refusal_by_lang.png", "Refusal rate")
     paths["asr_plot"] = _bar_plot(data, "asr", out / "asr_by_lang.png", "Attack success rate")
+    paths["invalid_plot"] = _bar_plot(data, "invalid_rate", out / "invalid_by_lang.png", "Invalid rate")
     if result.neuron_sets is not None:
         from edit_runtime.neurons import save_jaccard
 

@@ -109,8 +109,8 @@ def test_evaluate_layout_and_patch_removed(tiny, tok, tmp_path):
     base = {(r["id"], r["lang"]): r["response"] for r in res.variants["base"].records}
     edited = {(r["id"], r["lang"]): r["response"] for r in res.variants["safety"].records}
     assert base != edited
-    for f in ("results.md", "refusal_by_lang.png", "asr_by_lang.png", "generations/base.jsonl",
-              "generations/safety.jsonl", "generations/file.jsonl"):
+    for f in ("results.md", "refusal_by_lang.png", "asr_by_lang.png", "invalid_by_lang.png",
+              "generations/base.jsonl", "generations/safety.jsonl", "generations/file.jsonl"):
         assert (out / f).is_file() and (out / f).stat().st_size > 0
     md = (out / "results.md").read_text()
     assert "| en | 3 |" in md and "safety" in md and "Δ refusal" in md
