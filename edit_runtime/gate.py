@@ -159,10 +159,11 @@ class ProbeGate:
         Returns:
             ``path`` as a :class:`~pathlib.Path`.
         """
-        from edit_runtime.files import save_safetensors
+        from edit_runtime.files import save_safetensors, tensors_digest
 
         header = {"format": GATE_FORMAT, "layer": str(self.layer), "bias": repr(self.bias),
-                  "threshold": repr(self.threshold), "metadata": json.dumps(self.metadata)}
+                  "threshold": repr(self.threshold), "metadata": json.dumps(self.metadata),
+                  "tensors_sha256": tensors_digest({"weight": self.weight})}
         return save_safetensors({"weight": self.weight}, path, header)
 
     @classmethod
@@ -177,10 +178,13 @@ class ProbeGate:
 
         Raises:
             GateError: no file at ``path``; its header is not a probe gate's
-                (:data:`GATE_FORMAT`); it holds tensors other than exactly ``weight``; it cannot
-                be read or parsed; or the values it holds are not a valid gate.
+                (:data:`GATE_FORMAT`); it holds tensors other than exactly ``weight``; the weight
+                fails the header's checksum; it cannot be read or parsed; or the values it holds
+                are not a valid gate.
         """
         from safetensors import SafetensorError, safe_open
+
+        from edit_runtime.files import tensors_digest
 
         path = Path(path)
         if not path.is_file():
@@ -194,6 +198,10 @@ class ProbeGate:
                 if set(f.keys()) != {"weight"}:
                     raise GateError(f"{path}: expected one tensor 'weight', found {sorted(f.keys())}")
                 weight = f.get_tensor("weight")
+            digest = header.get("tensors_sha256")  # absent in files written before it was added
+            if digest is not None and digest != tensors_digest({"weight": weight}):
+                raise GateError(f"{path}: the weight does not match the checksum in its header (the file is "
+                                "corrupt or was altered after it was written)")
             return cls(int(header["layer"]), weight, float(header["bias"]), float(header["threshold"]),
                        json.loads(header.get("metadata", "{}")))
         except GateError:

@@ -53,3 +53,16 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["t.safetensors"]
 
+
+def test_a_changed_byte_in_a_gate_fails_its_checksum(tmp_path):
+    from edit_runtime.gate import GateError
+
+    path = ProbeGate(3, torch.randn(16), 0.5, 1.0).save(tmp_path / "g.safetensors")
+    data = bytearray(path.read_bytes())
+    data[-2] ^= 0x10  # inside the weight's bytes: still a readable safetensors file
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(bytes(data))
+    with pytest.raises(GateError, match="does not match the checksum"):
+        ProbeGate.load(bad)
+    assert ProbeGate.load(path).layer == 3
+
