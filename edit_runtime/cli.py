@@ -214,14 +214,7 @@ def _add_fit(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--split", default="train", help="split of the prompts to fit on: train, validation, test or all")
     p.add_argument("--heldout", action="store_true",
                    help="swe: also report the gap closed on the validation split")
-    p.add_argument("--limit", type=positive_int, default=None,
-                   help="at most this many prompt ids, every language of each (quick runs; default: all)")
-    p.add_argument("--batch-size", type=positive_int, default=8, help="prompts per forward pass")
-    p.add_argument("--system-prompt", default=None, help="system message for the chat template (default: none)")
-    p.add_argument("--cache-dir", default=None,
-                   help="folder caching the activation statistics for later runs (default: no cache)")
-    p.add_argument("--threads", type=positive_int, default=None,
-                   help="torch intra-op threads (default: torch's choice)")
+    _add_capture_options(p, system_prompt=True)
     p.add_argument("-o", "--output", required=True, help="the delta file to write (.safetensors)")
     p.set_defaults(func=_cmd_fit, _parser=p)
 
@@ -307,13 +300,7 @@ def _add_neurons(sub: argparse._SubParsersAction) -> None:
                    help="SSN: percentage p of the layer's neurons: the top p%% by importance on harmful prompts, "
                         "minus the top p%% on harmless ones")
     p.add_argument("--split", default="train", help="split of the prompts: train, validation, test or all")
-    p.add_argument("--limit", type=positive_int, default=None,
-                   help="at most this many prompt ids, every language of each (quick runs; default: all)")
-    p.add_argument("--batch-size", type=positive_int, default=8, help="prompts per forward pass")
-    p.add_argument("--cache-dir", default=None,
-                   help="folder caching the activation statistics for later runs (default: no cache)")
-    p.add_argument("--threads", type=positive_int, default=None,
-                   help="torch intra-op threads (default: torch's choice)")
+    _add_capture_options(p, system_prompt=False)
     p.add_argument("-o", "--output", required=True, help="output folder (created if missing)")
     p.set_defaults(func=_cmd_neurons, _parser=p)
 
@@ -354,6 +341,19 @@ def build_parser() -> argparse.ArgumentParser:
     for register in [*_REGISTRARS, *_command_registrars()]:
         register(sub)
     return parser
+
+
+def _add_capture_options(p: argparse.ArgumentParser, *, system_prompt: bool) -> None:
+    """The options of a command that runs prompts through the model for statistics (fit, neurons)."""
+    p.add_argument("--limit", type=positive_int, default=None,
+                   help="at most this many prompt ids, every language of each (quick runs; default: all)")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="prompts per forward pass")
+    if system_prompt:
+        p.add_argument("--system-prompt", default=None, help="system message for the chat template (default: none)")
+    p.add_argument("--cache-dir", default=None,
+                   help="folder caching the activation statistics for later runs (default: no cache)")
+    p.add_argument("--threads", type=positive_int, default=None,
+                   help="torch intra-op threads (default: torch's choice)")
 
 
 def _add_swe_thresholds(p: argparse.ArgumentParser, tag: str) -> None:

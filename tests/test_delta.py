@@ -244,17 +244,7 @@ def test_malformed_fingerprint_in_header_is_a_format_error(tmp_path, fingerprint
         SparseDelta([e], fingerprint=json.loads(fingerprint))
 
 
-def test_a_changed_byte_in_the_tensor_data_fails_the_checksum(tmp_path):
-    """save writes a sha256 of the tensors into the header; load recomputes it, so corruption that
-    leaves a well-formed file (one flipped byte of V) is caught instead of applied."""
-    path = _delta().save(tmp_path / "d.safetensors")
-    data = bytearray(path.read_bytes())
-    data[-3] ^= 0x40  # the last tensor's bytes: still a readable safetensors file
-    bad = tmp_path / "flipped.safetensors"
-    bad.write_bytes(bytes(data))
-    with pytest.raises(DeltaFormatError, match="does not match the checksum"):
-        SparseDelta.load(bad)
-    SparseDelta.load(path)  # the intact file loads
+def test_a_folder_is_not_a_delta_file(tmp_path):
     with pytest.raises(DeltaFormatError, match="is a folder, not a delta file"):
         SparseDelta.load(tmp_path)
 

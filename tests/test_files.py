@@ -54,15 +54,23 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["t.safetensors"]
 
 
-def test_a_changed_byte_in_a_gate_fails_its_checksum(tmp_path):
-    from edit_runtime.gate import GateError
+def _saved_delta(path):
+    edit = ModuleEdit("model.layers.0.mlp.up_proj", "out", torch.tensor([1, 4]), U=torch.randn(2, 2),
+                      V=torch.randn(2, 8))
+    return SparseDelta([edit]).save(path)
 
-    path = ProbeGate(3, torch.randn(16), 0.5, 1.0).save(tmp_path / "g.safetensors")
+
+@pytest.mark.parametrize("save, load", [(_saved_delta, SparseDelta.load),
+                                        (lambda p: ProbeGate(3, torch.randn(16), 0.5, 1.0).save(p), ProbeGate.load)],
+                         ids=["delta", "gate"])
+def test_a_changed_byte_fails_the_checksum(tmp_path, save, load):
+    """save writes a sha256 of the tensors into the header and load recomputes it, so corruption
+    that leaves a well-formed file (one flipped byte of the last tensor) is caught, not applied."""
+    path = save(tmp_path / "f.safetensors")
     data = bytearray(path.read_bytes())
-    data[-2] ^= 0x10  # inside the weight's bytes: still a readable safetensors file
+    data[-2] ^= 0x10
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(bytes(data))
-    with pytest.raises(GateError, match="does not match the checksum"):
-        ProbeGate.load(bad)
-    assert ProbeGate.load(path).layer == 3
-
+    with pytest.raises(ValueError, match="does not match the checksum"):  # DeltaFormatError / GateError
+        load(bad)
+    load(path)  # the intact file loads
