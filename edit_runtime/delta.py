@@ -246,6 +246,7 @@ class SparseDelta:
 
     @property
     def modules(self) -> list[str]:
+        """Dotted paths of the edited modules, in edit order (a module appears once per side)."""
         return [e.module for e in self.edits]
 
     @property
@@ -258,6 +259,8 @@ class SparseDelta:
         return n
 
     def to(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> "SparseDelta":
+        """A copy with every edit's floating tensors (U, V, scale) in ``dtype`` and all tensors on
+        ``device`` (indices stay int64); metadata and fingerprint are kept."""
         return SparseDelta([e.to(dtype, device) for e in self.edits], dict(self.metadata), self.fingerprint)
 
     def scaled(self, strength: float) -> "SparseDelta":

@@ -142,6 +142,9 @@ class VariantResult:
     seconds: dict[str, float] = field(default_factory=dict)
 
     def per_lang(self) -> dict[str, dict]:
+        """``{lang: stats}`` as in ``results.json``: ``n``, ``refusal_rate``, ``asr``,
+        ``invalid_rate`` and ``refusal_rate_valid`` (fractions), each with ``<key>_ci`` = ``[lo, hi]``
+        (95 %), plus ``counts`` (per label) and ``reasons`` (per label/reason)."""
         return {lang: _flat_stats(st) for lang, st in self.summary["per_lang"].items()}
 
 
@@ -160,6 +163,8 @@ class EvalResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
+        """The ``results.json`` document (keys in the module docstring): plain JSON types, NaN as
+        ``None``."""
         return _jsonable({
             "format": RESULTS_FORMAT, "version": 1,
             "config": self.config, "datasets": self.datasets, "seeds": self.seeds,
@@ -398,7 +403,10 @@ def evaluate(model: Any, tokenizer: Any, prompts: Sequence[Any], *,
         out_dir: folder for ``generations/`` (resumable) and the report.
         max_new_tokens: one budget for all, or ``None`` = the judge's per-language budget
             (``judge.min_new_tokens_for`` or :func:`edit_runtime.judge.min_new_tokens_for`).
+        batch_size: prompts per generation batch (left-padded, greedy).
+        system_prompt: system message for the chat template (default: none).
         utility: :class:`UtilityOptions`, or ``None`` for refusal metrics only.
+        progress: show progress bars.
         model_name: recorded in the config and the generation settings (default: the model
             config's ``_name_or_path``).
         seed, n_boot: bootstrap seed and resamples (intervals and paired differences).

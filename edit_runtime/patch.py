@@ -46,7 +46,7 @@ import contextlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -398,8 +398,14 @@ def _bool_mask(mask) -> torch.Tensor:
 class PatchHandle:
     """Controls one applied delta: toggle, per-row mask, merge/unmerge, remove.
 
-    Made by :func:`patch_model`. Also a context manager: ``with patch_model(m, d): ...`` removes
-    the patch on exit.
+    Made by :func:`patch_model` (a handle built directly is attached to nothing). Also a context
+    manager: ``with patch_model(m, d): ...`` removes the patch on exit.
+
+    Attributes:
+        model: the patched model.
+        delta: the :class:`~edit_runtime.delta.SparseDelta` this handle applied.
+        row_mask_owner: the :class:`edit_runtime.gate.GateHandle` that decides the row mask in
+            every forward while a gate is attached, else ``None``.
     """
 
     def __init__(self, model: nn.Module, delta: SparseDelta):
@@ -432,10 +438,12 @@ class PatchHandle:
 
     @property
     def removed(self) -> bool:
+        """Whether :meth:`remove` ran: the original modules are back and the handle is spent."""
         return self._removed
 
     @property
     def merged(self) -> bool:
+        """Whether the edit is folded into the weights (:meth:`merge`); :meth:`unmerge` undoes it."""
         return self._merged
 
     @property
@@ -476,9 +484,12 @@ class PatchHandle:
                 wrapper._fast.refresh_live()
 
     def enable(self) -> None:
+        """Turns the edit on (``set_enabled(True)``)."""
         self.set_enabled(True)
 
     def disable(self) -> None:
+        """Turns the edit off: the base model runs, same graph (``set_enabled(False)``; refused
+        while merged)."""
         self.set_enabled(False)
 
     @contextlib.contextmanager
@@ -798,7 +809,7 @@ def patch_model(
     *,
     check_fingerprint: bool = True,
     enabled: bool = True,
-    row_mask=None,
+    row_mask: Sequence[bool] | torch.Tensor | None = None,
 ) -> PatchHandle:
     """Applies ``delta`` to ``model`` at runtime, without forming the dense delta.
 
@@ -807,14 +818,22 @@ def patch_model(
         delta: a ``SparseDelta`` or the path of a delta file.
         check_fingerprint: refuse (``FingerprintMismatchError``) a delta fitted on another model.
         enabled: initial state of the edit.
-        row_mask: optional initial (B,) per-sequence mask (see ``PatchHandle.set_row_mask``).
+        row_mask: optional initial (B,) per-sequence mask, bool or 0/1 (see
+            ``PatchHandle.set_row_mask``); anything else raises ``ValueError``.
 
     Returns:
         a ``PatchHandle`` (remove / enable / disable / set_row_mask / merge / unmerge).
 
-    Atomic: every check (paths exist and are Linear, shapes and index ranges, finite values in the
-    module dtype, fingerprint, stacking rules) runs before the first module is touched; on error
-    the model is unchanged. Raises ``DeltaError`` (or its subclasses) or ``PatchError``.
+    Atomic: every check (fingerprint first, then paths exist and are Linear, shapes and index
+    ranges, finite values and products in the module dtype, stacking rules) runs before the first
+    module is touched; on error the model is unchanged.
+
+    Raises:
+        FingerprintMismatchError: the delta was fitted on another model (``check_fingerprint``).
+        DeltaError: the delta does not fit the model (paths, shapes, ranges, values); its
+            subclass ``DeltaFormatError`` for a file that cannot be read as a delta.
+        PatchError: the edit cannot stack on the patches already applied.
+        ValueError: ``row_mask`` is not a 1-D bool or 0/1 mask.
     """
     if isinstance(delta, (str, Path)):
         delta = SparseDelta.load(delta)
