@@ -18,8 +18,8 @@ Four metrics, each returning ``{lang: {...}}`` in the order the languages first 
 Rates come with a percentile bootstrap 95 % interval from :func:`edit_runtime.judge.bootstrap_rate`
 (2000 binomial resamples = resampling the items with replacement; generator
 ``numpy.random.default_rng([0, crc32(lang)])``, so a language's interval does not depend on
-which other languages are evaluated). A rate of 0 or 1 gets the degenerate interval [0, 0] or
-[1, 1] (a percentile bootstrap cannot do better); read it with ``n``.
+which other languages are evaluated). A rate of 0 or 1, where every resample repeats the sample
+and the bootstrap interval would be a point, gets the Wilson score interval instead.
 
 Generation goes through :func:`edit_runtime.generation.generate_responses` (batched greedy,
 left padding, the model's chat template, no system prompt). Log-likelihood scoring and the KL

@@ -17,7 +17,7 @@ from delta_helpers import dense_edited, random_delta
 from edit_runtime import utility
 from edit_runtime.data import Prompt, load_prompts, render_chat
 from edit_runtime.delta import ModuleEdit, SparseDelta
-from edit_runtime.judge import Verdict, min_new_tokens_for
+from edit_runtime.judge import Verdict, min_new_tokens_for, wilson_interval
 from edit_runtime.patch import patch_model
 from edit_runtime.utility import (MGSM_ANSWER_CUES, MGSM_INSTRUCTIONS, XCOPA_CONNECTIVES,
                                   continuation_logprobs, extract_answer, find_numbers,
@@ -171,7 +171,8 @@ def test_mgsm_accounting_exact(monkeypatch):
     assert (en["n"], en["correct"], en["accuracy"], en["no_answer"]) == (4, 2, 0.5, 1)
     assert (zh["n"], zh["correct"], zh["accuracy"], zh["no_answer"]) == (2, 2, 1.0, 0)
     assert 0.0 <= en["ci_low"] <= 0.5 <= en["ci_high"] <= 1.0 and en["ci_low"] < en["ci_high"]
-    assert zh["ci_low"] == zh["ci_high"] == 1.0
+    # 2 of 2: the bootstrap would collapse to [1, 1]; the Wilson score interval is reported instead
+    assert zh["ci_low"] == pytest.approx(wilson_interval(2, 2)[0]) and zh["ci_high"] == 1.0
     assert [it["correct"] for it in en["items"]] == [True, False, True, False]
     assert [it["pred"] for it in en["items"]] == [18, 4, 70000, None]
     # one generator call per language, with the documented prompt format and settings
@@ -463,8 +464,8 @@ def test_next_token_kl_bad_input(tiny, tok):
         # the edit off everywhere leaves KL 0 (test_evaluate checks a gate that splits the rows)
         from edit_runtime.gate import ProbeGate, attach_gate
         off = ProbeGate(0, torch.zeros(tiny.config.hidden_size), -1.0, 0.0)
-        with attach_gate(handle, off):
-            handle.set_row_mask([True])           # left behind by a previous forward of another size
+        with attach_gate(handle, off) as gh:
+            handle.set_row_mask([True], owner=gh)  # the gate's, left by a previous forward of another size
             res = next_token_kl(tiny, tok, KL_PROMPTS, handle, batch_size=2, progress=False)
         assert all(r["mean_kl"] == 0.0 for r in res.values())
         handle.merge()
