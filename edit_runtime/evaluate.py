@@ -421,16 +421,14 @@ def evaluate(model: Any, tokenizer: Any, prompts: Sequence[Any], *,
     from edit_runtime.data import SPLIT_BOUNDS, SPLIT_SALT
     from edit_runtime.delta import DeltaError
     from edit_runtime.gate import GatedDelta, GateError, attach_gate
-    from edit_runtime.generation import check_positive_int, check_resumable, generate_to_jsonl
+    from edit_runtime.generation import (check_positive_int, check_prompt_records, check_resumable,
+                                         generate_to_jsonl)
     from edit_runtime.patch import PatchError, check_patch, patch_model
 
     prompts = list(prompts)
     if not prompts:
         raise ValueError("evaluate: no prompts")
-    odd = next((p for p in prompts if not all(hasattr(p, a) for a in ("id", "lang", "text"))), None)
-    if odd is not None:
-        raise TypeError(f"evaluate: prompts must be edit_runtime.data.Prompt records (id, lang, text; "
-                        f"see load_prompts), got {type(odd).__name__}: {odd!r:.60}")
+    check_prompt_records(prompts)
     if max_new_tokens is not None and (isinstance(max_new_tokens, bool)
                                        or not isinstance(max_new_tokens, int) or max_new_tokens < 1):
         raise ValueError(f"max_new_tokens must be a positive int or None, got {max_new_tokens!r}")

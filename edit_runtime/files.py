@@ -25,10 +25,9 @@ def umask_mode(directory: bool = False) -> int:
 def apply_umask(path: str | Path) -> None:
     """Gives ``path`` (and, for a folder, everything under it) the umask's usual permissions."""
     path = Path(path)
-    path.chmod(umask_mode(path.is_dir()))
-    if path.is_dir():
-        for p in path.rglob("*"):
-            p.chmod(umask_mode(p.is_dir()))
+    file_mode, dir_mode = umask_mode(), umask_mode(directory=True)  # read the umask once
+    for p in [path, *(path.rglob("*") if path.is_dir() else ())]:
+        p.chmod(dir_mode if p.is_dir() else file_mode)
 
 
 def save_safetensors(tensors: Mapping[str, torch.Tensor], path: str | Path,

@@ -22,7 +22,7 @@ Usage::
         out = model.generate(**batch)              # the edit on only where the probe fires
 
 The gate owns the handle's row mask while attached (``handle.row_mask_owner`` is the
-:class:`GateHandle`; a second gate is refused); do not set one by hand at the same time.
+:class:`GateHandle`; a second gate is refused, and so is a mask set or cleared by hand meanwhile).
 To combine it with a per-request mask (the server: only the rows that asked for the edit), set
 :attr:`GateHandle.allowed` before the prefill: the decision is ANDed with it.
 

@@ -380,6 +380,15 @@ def _settings(system_prompt: str | None, extra: Mapping[str, Any] | None) -> dic
         raise ValueError(f"extra must be JSON-serialisable: {e}") from None
 
 
+def check_prompt_records(prompts: Sequence[Any]) -> None:
+    """Raises ``TypeError`` naming the first item that is not a prompt record
+    (:class:`edit_runtime.data.Prompt`: ``id``, ``lang``, ``text``, ``label``), e.g. a bare string."""
+    for i, p in enumerate(prompts):
+        if not all(hasattr(p, attr) for attr in ("id", "lang", "text", "label")):
+            raise TypeError(f"prompts must be edit_runtime.data.Prompt records (id, lang, text, label; see "
+                            f"load_prompts), got {type(p).__name__}: {p!r:.60} (prompts[{i}])")
+
+
 def _settings_diff(old: Any, new: Any) -> str:
     """Where two settings differ, as ``dotted.key: old != new`` for each differing leaf, instead of
     both dicts whole (a changed delta reads ``extra.delta: 'e2da…' != 'f6fd…'``)."""
@@ -467,11 +476,7 @@ def generate_to_jsonl(model: Any, tokenizer: Any, prompts: Sequence[Any], path: 
     from edit_runtime.judge import min_new_tokens_for
 
     prompts = list(prompts)
-    for i, p in enumerate(prompts):
-        for attr in ("id", "lang", "text", "label"):
-            if not hasattr(p, attr):
-                raise TypeError(f"prompts[{i}] must be an edit_runtime.data.Prompt, got "
-                                f"{type(p).__name__}")
+    check_prompt_records(prompts)
     if not isinstance(variant, str) or not variant:
         raise ValueError(f"variant must be a non-empty string, got {variant!r}")
     check_positive_int("batch_size", batch_size)

@@ -796,11 +796,16 @@ def check_patch(model: nn.Module, delta: SparseDelta | str | Path, *, check_fing
     """Runs every check :func:`patch_model` runs (fingerprint, module paths, shapes and index
     ranges, finite values in the module dtype, stacking rules) and leaves the model untouched, so a
     long job can refuse a bad delta before its first forward. Raises what ``patch_model`` raises."""
+    _plan(model, _as_delta(delta), check_fingerprint)
+
+
+def _as_delta(delta: SparseDelta | str | Path) -> SparseDelta:
+    """``delta`` itself, or the delta file it names."""
     if isinstance(delta, (str, Path)):
         delta = SparseDelta.load(delta)
     if not isinstance(delta, SparseDelta):
         raise DeltaError(f"delta must be a SparseDelta or a path, got {type(delta).__name__}")
-    _plan(model, delta, check_fingerprint)
+    return delta
 
 
 def patch_model(
@@ -835,10 +840,7 @@ def patch_model(
         PatchError: the edit cannot stack on the patches already applied.
         ValueError: ``row_mask`` is not a 1-D bool or 0/1 mask.
     """
-    if isinstance(delta, (str, Path)):
-        delta = SparseDelta.load(delta)
-    if not isinstance(delta, SparseDelta):
-        raise DeltaError(f"delta must be a SparseDelta or a path, got {type(delta).__name__}")
+    delta = _as_delta(delta)
     plans = _plan(model, delta, check_fingerprint)
     mask = None if row_mask is None else _bool_mask(row_mask)
 

@@ -131,18 +131,16 @@ def run(args: argparse.Namespace) -> int:
             "harmful": {s: len(train[("harmful", s)]) for s in sources["harmful"]},
             "harmless": {s: len(train[("harmless", s)]) for s in sources["harmless"]}}
 
-    def rows_for(key, want: bool) -> torch.Tensor:
-        # a harmful-vs-harmless gate: by label; a mapped gate: harmful prompts of the mapped languages
-        if mapped is None:
-            return torch.full((len(train[key]),), (key[0] == "harmful") == want, dtype=torch.bool)
-        return mapped_harmful(train[key], mapped) == want
-
+    # the rows the gate is for: a harmful-vs-harmless gate, by label; a mapped gate, the harmful
+    # prompts of the mapped languages
+    is_for = {key: (torch.full((len(ps),), key[0] == "harmful", dtype=torch.bool) if mapped is None
+                    else mapped_harmful(ps, mapped)) for key, ps in train.items()}
     if mapped is not None:
         meta["for"] = {"label": "harmful", "langs": list(mapped)}
-        meta["fitted"] = {"for": sum(int(rows_for(key, True).sum()) for key in train),
-                          "other": sum(int(rows_for(key, False).sum()) for key in train)}
-    gate = fit_probe_gate(torch.cat([f[rows_for(key, True)] for key, f in feats.items()]),
-                          torch.cat([f[rows_for(key, False)] for key, f in feats.items()]),
+        meta["fitted"] = {"for": sum(int(m.sum()) for m in is_for.values()),
+                          "other": sum(int((~m).sum()) for m in is_for.values())}
+    gate = fit_probe_gate(torch.cat([f[is_for[key]] for key, f in feats.items()]),
+                          torch.cat([f[~is_for[key]] for key, f in feats.items()]),
                           args.layer, l2=args.l2, metadata=meta)
     scores = {key: gate.score(f) for key, f in held_feats.items()}
     if args.harmless_on is not None:
